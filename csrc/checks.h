@@ -1,0 +1,122 @@
+// Shared input checks and planning for fastmeta's ops. Device-agnostic: included by the CPU and CUDA kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+#include <sstream>
+#include <vector>
+
+namespace fastmeta {
+
+// How a coefficient (lr or decay) of one parameter broadcasts over its update of shape (T, *S).
+enum class Bcast : int { Scalar = 0, PerElement = 1, PerTaskElement = 2 };
+
+// Plan for one parameter tensor of fast_weight_update.
+struct FwuPlan {
+  int64_t tasks = 0;  // T
+  int64_t numel = 0;  // prod(S): elements of one task's parameter
+  bool shared = false;  // params[i] has shape S (shared over the tasks), not (T, *S)
+  Bcast lr = Bcast::Scalar;
+  Bcast decay = Bcast::Scalar;
+};
+
+inline std::string shape_str(c10::IntArrayRef s) {
+  std::ostringstream os;
+  os << s;
+  return os.str();
+}
+
+inline bool is_supported_float(c10::ScalarType t) {
+  return t == c10::kFloat || t == c10::kDouble || t == c10::kHalf || t == c10::kBFloat16;
+}
+
+// Checks that `t` (argument `name`, index `i`) has dtype and device of the reference tensor.
+inline void check_like(
+    const at::Tensor& t, const char* name, size_t i, const at::Tensor& ref, const char* op) {
+  TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
+  TORCH_CHECK_TYPE(
+      t.scalar_type() == ref.scalar_type(), op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
+      " but grads[0] has dtype ", ref.scalar_type(), "; all tensors must share one dtype");
+  TORCH_CHECK(
+      t.device() == ref.device(), op, ": ", name, "[", i, "] is on ", t.device(), " but grads[0] is on ",
+      ref.device(), "; all tensors must be on one device");
+}
+
+// How coefficient `c` (argument `name`, index `i`) broadcasts over a (T, *S) update.
+inline Bcast classify_coef(const at::Tensor& c, const at::Tensor& g, const char* name, size_t i, const char* op) {
+  if (c.dim() == 0) return Bcast::Scalar;
+  if (c.sizes() == g.sizes().slice(1)) return Bcast::PerElement;
+  if (c.sizes() == g.sizes()) return Bcast::PerTaskElement;
+  TORCH_CHECK_VALUE(
+      false, op, ": ", name, "[", i, "] has shape ", shape_str(c.sizes()), "; expected [] (one value), ",
+      shape_str(g.sizes().slice(1)), " (per element) or ", shape_str(g.sizes()), " (per task and element)");
+}
+
+// Validates the arguments of fast_weight_update(_backward) and returns one plan per parameter.
+// params[i]: (T, *S_i) or S_i; grads[i]: (T, *S_i); lrs/decays: empty (scalar for all) or one tensor per
+// parameter of shape [], S_i or (T, *S_i). All tensors share the dtype and device of grads[0].
+inline std::vector<FwuPlan> plan_fast_weight_update(
+    at::TensorList params, at::TensorList grads, at::TensorList lrs, at::TensorList decays,
+    const char* op = "fast_weight_update") {
+  const size_t n = params.size();
+  TORCH_CHECK_VALUE(
+      grads.size() == n, op, ": params and grads must have the same length, got ", n, " and ", grads.size());
+  TORCH_CHECK_VALUE(
+      lrs.empty() || lrs.size() == n, op, ": lr must be a number or have one entry per parameter (", n,
+      "), got ", lrs.size());
+  TORCH_CHECK_VALUE(
+      decays.empty() || decays.size() == n, op, ": decay must be None, a number or have one entry per parameter (",
+      n, "), got ", decays.size());
+  std::vector<FwuPlan> plans(n);
+  if (n == 0) return plans;
+  const at::Tensor& ref = grads[0];
+  TORCH_CHECK(ref.defined(), op, ": grads[0] is undefined");
+  TORCH_CHECK_TYPE(
+      is_supported_float(ref.scalar_type()), op, ": grads[0] has dtype ", ref.scalar_type(),
+      "; supported: float32, float64, float16, bfloat16");
+  TORCH_CHECK_VALUE(ref.dim() >= 1, op, ": grads[0] must have a leading task dimension T, got a 0-d tensor");
+  const int64_t T = ref.size(0);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& g = grads[i];
+    const at::Tensor& p = params[i];
+    check_like(g, "grads", i, ref, op);
+    check_like(p, "params", i, ref, op);
+    TORCH_CHECK_VALUE(
+        g.dim() >= 1 && g.size(0) == T, op, ": grads[", i, "] has shape ", shape_str(g.sizes()),
+        " but grads[0] has T=", T, " tasks; every grads[i] must have shape (T, *S_i)");
+    FwuPlan& plan = plans[i];
+    plan.tasks = T;
+    plan.numel = T == 0 ? c10::multiply_integers(g.sizes().slice(1)) : g.numel() / T;
+    if (p.sizes() == g.sizes()) {
+      plan.shared = false;
+    } else if (p.sizes() == g.sizes().slice(1)) {
+      plan.shared = true;
+    } else {
+      TORCH_CHECK_VALUE(
+          false, op, ": params[", i, "] has shape ", shape_str(p.sizes()), " but grads[", i, "] has shape ",
+          shape_str(g.sizes()), "; expected params[", i, "] of shape ", shape_str(g.sizes()), " (per task) or ",
+          shape_str(g.sizes().slice(1)), " (shared)");
+    }
+    if (!lrs.empty()) {
+      check_like(lrs[i], "lr", i, ref, op);
+      plan.lr = classify_coef(lrs[i], g, "lr", i, op);
+    }
+    if (!decays.empty()) {
+      check_like(decays[i], "decay", i, ref, op);
+      plan.decay = classify_coef(decays[i], g, "decay", i, op);
+    }
+  }
+  return plans;
+}
+
+// Contiguous versions of a tensor list (no copy for tensors that already are).
+inline std::vector<at::Tensor> contiguous(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
+}
+
+}  // namespace fastmeta

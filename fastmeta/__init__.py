@@ -1,0 +1,1 @@
+"""fastmeta: fast meta-learning for PyTorch."""
