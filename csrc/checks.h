@@ -28,6 +28,19 @@ inline std::string shape_str(c10::IntArrayRef s) {
   return os.str();
 }
 
+// dtype as Python spells it, so that messages read the same from the kernels and the reference.
+inline std::string dtype_str(c10::ScalarType t) {
+  switch (t) {
+    case c10::kFloat: return "torch.float32";
+    case c10::kDouble: return "torch.float64";
+    case c10::kHalf: return "torch.float16";
+    case c10::kBFloat16: return "torch.bfloat16";
+    case c10::kLong: return "torch.int64";
+    case c10::kInt: return "torch.int32";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
 inline bool is_supported_float(c10::ScalarType t) {
   return t == c10::kFloat || t == c10::kDouble || t == c10::kHalf || t == c10::kBFloat16;
 }
@@ -37,8 +50,8 @@ inline void check_like(
     const at::Tensor& t, const char* name, size_t i, const at::Tensor& ref, const char* op) {
   TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is undefined");
   TORCH_CHECK_TYPE(
-      t.scalar_type() == ref.scalar_type(), op, ": ", name, "[", i, "] has dtype ", t.scalar_type(),
-      " but grads[0] has dtype ", ref.scalar_type(), "; all tensors must share one dtype");
+      t.scalar_type() == ref.scalar_type(), op, ": ", name, "[", i, "] has dtype ", dtype_str(t.scalar_type()),
+      " but grads[0] has dtype ", dtype_str(ref.scalar_type()), "; all tensors must share one dtype");
   TORCH_CHECK(
       t.device() == ref.device(), op, ": ", name, "[", i, "] is on ", t.device(), " but grads[0] is on ",
       ref.device(), "; all tensors must be on one device");
@@ -74,7 +87,7 @@ inline std::vector<FwuPlan> plan_fast_weight_update(
   const at::Tensor& ref = grads[0];
   TORCH_CHECK(ref.defined(), op, ": grads[0] is undefined");
   TORCH_CHECK_TYPE(
-      is_supported_float(ref.scalar_type()), op, ": grads[0] has dtype ", ref.scalar_type(),
+      is_supported_float(ref.scalar_type()), op, ": grads[0] has dtype ", dtype_str(ref.scalar_type()),
       "; supported: float32, float64, float16, bfloat16");
   TORCH_CHECK_VALUE(ref.dim() >= 1, op, ": grads[0] must have a leading task dimension T, got a 0-d tensor");
   const int64_t T = ref.size(0);

@@ -3,7 +3,7 @@
 #include <torch/library.h>
 
 // Importing fastmeta._C runs the static registrations below and in the kernel files.
-extern "C" PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fastmeta's compiled kernels", -1, nullptr};
   PyObject* m = PyModule_Create(&module_def);
   if (m == nullptr) return nullptr;

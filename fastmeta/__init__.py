@@ -1,1 +1,23 @@
-"""fastmeta: fast meta-learning for PyTorch."""
+"""fastmeta: fast meta-learning for PyTorch, with fused C++/CUDA kernels and pure-PyTorch references."""
+
+from fastmeta import ops, reference
+from fastmeta._kernels import AVAILABLE as _AVAILABLE
+from fastmeta._kernels import ERROR as _ERROR
+from fastmeta._kernels import WITH_CUDA as _WITH_CUDA
+
+__version__ = "0.1.0"
+__all__ = ["ops", "reference", "kernels_available", "kernels_info"]
+
+
+def kernels_available(device: str = "cpu") -> bool:
+    """Whether fastmeta's compiled kernels are loaded for `device` ("cpu" or "cuda")."""
+    import torch
+
+    from fastmeta._kernels import supports
+
+    return supports(torch.device(device))
+
+
+def kernels_info() -> dict:
+    """What was built and loaded: {"available", "cuda", "error"} (error says why the kernels are unavailable)."""
+    return {"available": _AVAILABLE, "cuda": _WITH_CUDA, "error": _ERROR}

@@ -130,6 +130,13 @@ class FastWeightUpdate : public torch::autograd::Function<FastWeightUpdate> {
 
 std::vector<Tensor> fast_weight_update_autograd(
     TensorList params, TensorList grads, TensorList lrs, TensorList decays, double lr, double decay) {
+  if (!at::GradMode::is_enabled() ||
+      !(any_requires_grad(params) || any_requires_grad(grads) || any_requires_grad(lrs) ||
+        any_requires_grad(decays))) {
+    // Nothing to differentiate: skip building a graph node (it costs about 0.5 us per tensor).
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_forward(params, grads, lrs, decays, lr, decay);
+  }
   return FastWeightUpdate::apply(params, grads, lrs, decays, lr, decay);
 }
 

@@ -27,8 +27,15 @@ struct Coef {
   acc_t value;
 };
 
+// The hot loops are compiled for AVX-512, AVX2 and baseline x86-64; the loader picks one at run time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTMETA_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTMETA_SIMD_CLONES
+#endif
+
 template <bool LV, bool DV, typename scalar_t, typename acc_t>
-inline void update_span(
+FASTMETA_SIMD_CLONES void update_span(
     scalar_t* __restrict__ out, const scalar_t* __restrict__ p, const scalar_t* __restrict__ g,
     const scalar_t* __restrict__ l, acc_t lv, const scalar_t* __restrict__ d, acc_t dv, int64_t n) {
   for (int64_t k = 0; k < n; ++k) {

@@ -1,0 +1,51 @@
+"""Loads fastmeta._C (the compiled kernels) once, or says why it could not.
+
+FASTMETA_DISABLE_KERNELS=1 skips the kernels (the pure-PyTorch reference runs instead, silently);
+FASTMETA_REQUIRE_KERNELS=1 turns a missing or mismatched build into an ImportError instead of a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+REBUILD = (
+    "rebuild them with `pip install --no-build-isolation --force-reinstall --no-deps .` in fastmeta's source folder"
+)
+
+
+def _load() -> tuple[str | None, bool]:
+    """Returns (why the kernels are unavailable or None, whether they include CUDA)."""
+    if os.environ.get("FASTMETA_DISABLE_KERNELS") == "1":
+        return "fastmeta's kernels are disabled by FASTMETA_DISABLE_KERNELS=1", False
+    try:
+        from fastmeta import _build_info
+    except ImportError:
+        return f"fastmeta's kernels are not built; {REBUILD}", False
+    if _build_info.TORCH_VERSION != torch.__version__:
+        return (
+            f"fastmeta's kernels were built against torch {_build_info.TORCH_VERSION} but torch "
+            f"{torch.__version__} is installed; {REBUILD}"
+        ), False
+    try:
+        from fastmeta import _C
+    except (ImportError, OSError) as e:
+        return f"fastmeta's kernels failed to load ({e}); {REBUILD}", False
+    return None, bool(_C.with_cuda)
+
+
+ERROR, WITH_CUDA = _load()
+AVAILABLE = ERROR is None
+
+if not AVAILABLE:
+    if os.environ.get("FASTMETA_REQUIRE_KERNELS") == "1":
+        raise ImportError(f"{ERROR} (FASTMETA_REQUIRE_KERNELS=1 makes this an error)")
+    if os.environ.get("FASTMETA_DISABLE_KERNELS") != "1":
+        warnings.warn(f"{ERROR}. Using the pure-PyTorch reference (slower).", RuntimeWarning, stacklevel=2)
+
+
+def supports(device: torch.device) -> bool:
+    """Whether the compiled kernels run on `device`."""
+    return AVAILABLE and (device.type == "cpu" or (device.type == "cuda" and WITH_CUDA))

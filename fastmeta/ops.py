@@ -1,0 +1,231 @@
+"""fastmeta's public ops: argument handling, dispatch to the compiled kernels (or the reference), and the
+fake, vmap and functorch registrations that make them work under torch.compile and torch.func."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fastmeta import _kernels, reference
+from fastmeta.reference import Coef
+
+__all__ = ["fast_weight_update"]
+
+
+def _coefs(name: str, value: Coef | None, grads: list[Tensor]) -> tuple[list[Tensor], float]:
+    """(tensors, scalar) for the kernel: [] and the number when `value` is one number, else one tensor per
+    parameter of shape [], S_i or (T, *S_i) (other broadcastable shapes are expanded to one of these)."""
+    if value is None:
+        return [], 1.0
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [], float(value)
+    coefs = reference._coef_list(name, value, grads)  # validates, with the reference's messages
+    out = []
+    for c, g in zip(coefs, grads):
+        if not isinstance(c, Tensor):
+            c = torch.tensor(c, dtype=g.dtype, device=g.device)
+        elif c.dim() and c.shape != g.shape and c.shape != g.shape[1:]:
+            # e.g. (T, 1, 1) per task, (1, *S) or (C, 1, 1): expand (autograd reduces the gradient back).
+            full = (1,) * (g.dim() - c.dim()) + tuple(c.shape)
+            c = c.reshape(full[1:]).expand(g.shape[1:]) if full[0] == 1 else c.expand(g.shape)
+        out.append(c)
+    return out, 1.0
+
+
+def fast_weight_update(
+    params: Sequence[Tensor], grads: Sequence[Tensor], lr: Coef, decay: Coef | None = None
+) -> list[Tensor]:
+    """Fast weights of T tasks in one fused op: new[i] = decay_i * params[i] - lr_i * grads[i].
+
+    Args:
+        params: per parameter, (T, *S_i) per-task fast weights or S_i initial weights shared by all tasks.
+        grads: per parameter, (T, *S_i) gradients of each task's inner loss.
+        lr: a number (plain MAML); a 0-d tensor; or one tensor (or number) per parameter, broadcastable to
+            (T, *S_i): 0-d per layer (MAML++), S_i per element (Meta-SGD), (T, *S_i) per task and element.
+        decay: None (1), or the same forms as lr (weight decay; a Meta-LSTM forget gate).
+    Returns:
+        new fast weights, one (T, *S_i) tensor per parameter. Differentiable w.r.t. params, grads, lr and decay
+        (to any order): shared params and broadcast coefficients get gradients reduced to their own shapes.
+    """
+    params, grads = list(params), list(grads)
+    if not grads or not _kernels.supports(grads[0].device):
+        if grads and _kernels.AVAILABLE:
+            _warn_no_kernel(grads[0].device)
+        return reference.fast_weight_update(params, grads, lr, decay)
+    if lr is None:
+        raise TypeError("fast_weight_update: lr must be a number or a sequence of tensors, got None")
+    lrs, lr_s = _coefs("lr", lr, grads)
+    decays, decay_s = _coefs("decay", decay, grads)
+    if torch._C._are_functorch_transforms_active():
+        n = len(params)
+        return list(_FastWeightUpdate.apply(n, len(lrs), len(decays), lr_s, decay_s, *params, *grads, *lrs, *decays))
+    return torch.ops.fastmeta.fast_weight_update(params, grads, lrs, decays, lr_s, decay_s)
+
+
+_warned_devices: set[str] = set()
+
+
+def _warn_no_kernel(device: torch.device) -> None:
+    if device.type not in _warned_devices:
+        _warned_devices.add(device.type)
+        import warnings
+
+        warnings.warn(
+            f"fastmeta was built without kernels for {device.type}; using the pure-PyTorch reference there",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _split(tensors: Sequence[Tensor], n: int, n_lrs: int, n_decays: int) -> tuple[list[Tensor], ...]:
+    """(params, grads, lrs, decays) from their concatenation."""
+    t = list(tensors)
+    return t[:n], t[n : 2 * n], t[2 * n : 2 * n + n_lrs], t[2 * n + n_lrs : 2 * n + n_lrs + n_decays]
+
+
+def _backward_formula(
+    grad_outs: Sequence[Tensor],
+    params: list[Tensor],
+    grads: list[Tensor],
+    lrs: list[Tensor],
+    decays: list[Tensor],
+    lr: float,
+    decay: float,
+    mask: Sequence[bool],
+) -> tuple[list[Tensor], ...]:
+    """The backward of fast_weight_update in differentiable ops (for double backward and torch.func)."""
+    gp, gg, gl, gd = [], [], [], []
+    for i, go in enumerate(grad_outs):
+        if mask[0]:
+            gp.append((go * decays[i] if decays else go * decay).sum_to_size(params[i].shape))
+        if mask[1]:
+            gg.append(-(go * lrs[i]) if lrs else go * -lr)
+        if mask[2]:
+            gl.append((-(go * grads[i])).sum_to_size(lrs[i].shape))
+        if mask[3]:
+            gd.append((go * params[i]).sum_to_size(decays[i].shape))
+    return gp, gg, gl, gd
+
+
+class _FastWeightUpdate(torch.autograd.Function):
+    """fast_weight_update under torch.func transforms (the C++ autograd kernel serves plain autograd)."""
+
+    @staticmethod
+    def forward(n, n_lrs, n_decays, lr, decay, *tensors):  # noqa: ANN001, ANN205
+        params, grads, lrs, decays = _split(tensors, n, n_lrs, n_decays)
+        with torch._C._AutoDispatchBelowAutograd():
+            return tuple(torch.ops.fastmeta.fast_weight_update(params, grads, lrs, decays, lr, decay))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        n, n_lrs, n_decays, lr, decay, *tensors = inputs
+        ctx.meta = (n, n_lrs, n_decays, lr, decay)
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
+
+    @staticmethod
+    def jvp(ctx, *tangents):  # noqa: ANN001, ANN205
+        """Forward mode (torch.func.jvp, jacfwd, hessian): d(new) = d*dp + dd*p - l*dg - dl*g."""
+        n, n_lrs, n_decays, lr, decay = ctx.meta
+        params, grads, lrs, decays = _split(ctx.saved_tensors, n, n_lrs, n_decays)
+        tp, tg, tl, td = _split(tangents[5:], n, n_lrs, n_decays)
+        out = []
+        for i, g in enumerate(grads):
+            t = torch.zeros_like(g)
+            if tp[i] is not None:
+                t = t + (tp[i] * decays[i] if decays else tp[i] * decay)
+            if tg[i] is not None:
+                t = t - (tg[i] * lrs[i] if lrs else tg[i] * lr)
+            if lrs and tl[i] is not None:
+                t = t - tl[i] * g
+            if decays and td[i] is not None:
+                t = t + td[i] * params[i]
+            out.append(t)
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):  # noqa: ANN001, ANN205
+        n, n_lrs, n_decays, lr, decay = ctx.meta
+        params, grads, lrs, decays = _split(ctx.saved_tensors, n, n_lrs, n_decays)
+        needs = ctx.needs_input_grad[5:]
+        mask = [any(needs[a:b]) for a, b in _ranges(n, n_lrs, n_decays)]
+        if torch.is_grad_enabled():
+            parts = _backward_formula(grad_outs, params, grads, lrs, decays, lr, decay, mask)
+        else:
+            parts = torch.ops.fastmeta.fast_weight_update_backward(
+                list(grad_outs), params, grads, lrs, decays, lr, decay, mask
+            )
+        result: list[Tensor | None] = [None] * 5
+        for part, (a, b), needed in zip(parts, _ranges(n, n_lrs, n_decays), mask):
+            result += list(part) if needed else [None] * (b - a)
+        return tuple(result)
+
+    @staticmethod
+    def vmap(info, in_dims, n, n_lrs, n_decays, lr, decay, *tensors):  # noqa: ANN001, ANN205
+        params, grads, lrs, decays = _split(tensors, n, n_lrs, n_decays)
+        dims = _split(in_dims[5:], n, n_lrs, n_decays)
+        B = info.batch_size
+        p, g, lrs, decays = _vmap_fold(B, dims, params, grads, lrs, decays)
+        # Through the public op again: outer torch.func levels (grad of vmap) differentiate it.
+        out = fast_weight_update(p, g, lrs or lr, decays or (decay if decay != 1.0 else None))
+        return tuple(o.reshape(B, -1, *o.shape[1:]) for o in out), tuple([0] * len(out))
+
+
+def _ranges(n: int, n_lrs: int, n_decays: int) -> list[tuple[int, int]]:
+    return [(0, n), (n, 2 * n), (2 * n, 2 * n + n_lrs), (2 * n + n_lrs, 2 * n + n_lrs + n_decays)]
+
+
+def _vmap_fold(
+    B: int,
+    dims: tuple[list, ...],
+    params: list[Tensor],
+    grads: list[Tensor],
+    lrs: list[Tensor],
+    decays: list[Tensor],
+) -> tuple[list[Tensor], ...]:
+    """Arguments of fast_weight_update over a vmap batch of size B, folded into the task dimension (B*T tasks)."""
+    p_dims, g_dims, l_dims, d_dims = dims
+
+    def full(t: Tensor, bdim: int | None, shape: torch.Size) -> Tensor:  # -> (B*T, *S)
+        t = t.movedim(bdim, 0) if bdim is not None else t.unsqueeze(0)
+        t = t.reshape(t.shape[0], *(1,) * (len(shape) + 1 - t.dim()), *t.shape[1:])  # broadcast from the right
+        return t.expand(B, *shape).reshape(B * shape[0], *shape[1:])
+
+    new_p, new_g, new_l, new_d = [], [], [], []
+    for i, g in enumerate(grads):
+        shape = g.shape if g_dims[i] is None else g.movedim(g_dims[i], 0).shape[1:]
+        new_g.append(full(g, g_dims[i], shape))
+        p, pd = params[i], p_dims[i]
+        new_p.append(p if pd is None and p.dim() == len(shape) - 1 else full(p, pd, shape))
+        for src, sdims, dst in ((lrs, l_dims, new_l), (decays, d_dims, new_d)):
+            if src:
+                c, cd = src[i], sdims[i]
+                dst.append(c if cd is None and c.dim() < len(shape) else full(c, cd, shape))
+    return new_p, new_g, new_l, new_d
+
+
+def _vmap_op(info, in_dims, params, grads, lrs, decays, lr, decay):  # noqa: ANN001, ANN202
+    """vmap rule of the raw op torch.ops.fastmeta.fast_weight_update (no autograd below vmap)."""
+    dims = tuple([None] * len(x) if d is None else d for d, x in zip(in_dims[:4], (params, grads, lrs, decays)))
+    B = info.batch_size
+    out = torch.ops.fastmeta.fast_weight_update(*_vmap_fold(B, dims, params, grads, lrs, decays), lr, decay)
+    return [o.reshape(B, -1, *o.shape[1:]) for o in out], [0] * len(out)
+
+
+if _kernels.AVAILABLE:
+
+    @torch.library.register_fake("fastmeta::fast_weight_update")
+    def _fast_weight_update_fake(params, grads, lrs, decays, lr, decay):  # noqa: ANN001, ANN202
+        torch._check(len(params) == len(grads), lambda: "fast_weight_update: params and grads differ in length")
+        return [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads]
+
+    @torch.library.register_fake("fastmeta::fast_weight_update_backward")
+    def _fast_weight_update_backward_fake(grad_outs, params, grads, lrs, decays, lr, decay, mask):  # noqa: ANN001, ANN202
+        def like(ts: list[Tensor], on: bool) -> list[Tensor]:
+            return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in ts] if on else []
+
+        return like(params, mask[0]), like(grads, mask[1]), like(lrs, mask[2]), like(decays, mask[3])
+
+    torch.library.register_vmap("fastmeta::fast_weight_update", _vmap_op)
