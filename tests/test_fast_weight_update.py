@@ -315,8 +315,8 @@ def test_grad_of_vmap_matches_reference():
         return torch.func.vmap(lambda p, g: impl([p], [g], [lr])[0])(p, g).pow(2).sum()
 
     assert_close(
-        torch.func.grad(lambda l: loss(fwu, l))(lr),
-        torch.func.grad(lambda l: loss(reference.fast_weight_update, l))(lr),
+        torch.func.grad(lambda lr_: loss(fwu, lr_))(lr),
+        torch.func.grad(lambda lr_: loss(reference.fast_weight_update, lr_))(lr),
     )
 
 
