@@ -400,8 +400,12 @@ def test_mixed_devices_raise():
 
 
 def _python(code, **env):
-    full_env = {**os.environ, **env}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+    """Runs `code` in a fresh interpreter, from a folder where `import fastmeta` finds the package under test."""
+    pkg_parent = os.path.dirname(os.path.dirname(fastmeta.__file__))
+    full_env = {**os.environ, **env, "PYTHONPATH": pkg_parent}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300, cwd=pkg_parent
+    )
 
 
 def test_disabled_kernels_fall_back_to_reference_silently():

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU and its own torch: build the extension in place, run the CUDA tests and the
+# GPU benchmark, and print a short table last. Usage: bash benchmarks/gpu_check.sh [OUTDIR]   (< 8 minutes)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR=${1:-${OUT:-/tmp/fastmeta-gpu}}
+mkdir -p "$OUTDIR"
+PY=${PYTHON:-python3}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONPATH=$PWD FASTMETA_REQUIRE_KERNELS=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUTDIR/gpu.txt"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUTDIR/gpu.txt"
+
+echo "== build"
+start=$(date +%s)
+timeout 300 $PY setup.py build_ext --inplace >"$OUTDIR/build.log" 2>&1 || { tail -40 "$OUTDIR/build.log"; exit 1; }
+echo "built in $(( $(date +%s) - start )) s"
+
+echo "== tests (CUDA and CPU)"
+timeout 240 $PY -m pytest -q -x tests -p no:cacheprovider 2>&1 | tee "$OUTDIR/tests.log" | tail -15
+tests_rc=${PIPESTATUS[0]}
+
+echo "== benchmark"
+timeout 180 $PY -m fastmeta bench --device cuda --json "$OUTDIR/bench_cuda.json" | tee "$OUTDIR/bench_cuda.md"
+echo "tests exit code: $tests_rc"
+exit "$tests_rc"

@@ -1,0 +1,5 @@
+import sys
+
+from fastmeta.cli import main
+
+sys.exit(main())

@@ -1,0 +1,156 @@
+"""Benchmarks of fastmeta's kernels against their reference and what users would write instead.
+
+`python -m fastmeta bench` prints the table; benchmarks/ runs the same workloads under pytest-benchmark.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fastmeta import ops, reference
+
+# Conv4 (4 x [conv3x3 64, BatchNorm, ReLU, maxpool] on 1x28x28, 5-way head): 18 tensors, 112,261 floats.
+CONV4_SHAPES = [(64, 1, 3, 3), (64,), (64,), (64,)] + [(64, 64, 3, 3), (64,), (64,), (64,)] * 3 + [(5, 64), (5,)]
+# MLP 1-40-40-1 of the sinusoid regression benchmark: 6 tensors, 1,761 floats.
+MLP_SHAPES = [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)]
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    shapes: list[tuple[int, ...]]
+    tasks: int
+    shared: bool  # params are the shared initial weights S_i (first inner step) rather than (T, *S_i)
+    per_element_lr: bool  # Meta-SGD: lr[i] of shape S_i; else one float
+
+    @property
+    def label(self) -> str:
+        lr = "per-element lr" if self.per_element_lr else "scalar lr"
+        return f"{self.name} T={self.tasks} {'shared' if self.shared else 'per-task'} params, {lr}"
+
+
+WORKLOADS = [
+    Workload("conv4", CONV4_SHAPES, 1, False, False),
+    Workload("conv4", CONV4_SHAPES, 32, False, False),
+    Workload("conv4", CONV4_SHAPES, 32, True, False),
+    Workload("conv4", CONV4_SHAPES, 32, True, True),
+    Workload("mlp", MLP_SHAPES, 25, True, False),
+    Workload("mlp", MLP_SHAPES, 25, True, True),
+]
+
+LR = 0.4
+
+
+def make_inputs(w: Workload, device: str, requires_grad: bool) -> dict:
+    """Random params, grads, lr (and upstream gradients) of workload `w` on `device`."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(shape, generator=g).to(device).requires_grad_(requires_grad)
+
+    params = [rand(*s) if w.shared else rand(w.tasks, *s) for s in w.shapes]
+    grads = [rand(w.tasks, *s) for s in w.shapes]
+    lr = [(torch.rand(s, generator=g) * 0.1).to(device).requires_grad_(requires_grad) for s in w.shapes]
+    grad_outs = [torch.randn(w.tasks, *s, generator=g).to(device) for s in w.shapes]
+    return {"params": params, "grads": grads, "lr": lr if w.per_element_lr else LR, "grad_outs": grad_outs}
+
+
+def methods(w: Workload, x: dict) -> dict[str, Callable[[], list[Tensor]]]:
+    """The update as fastmeta, the reference, a per-parameter loop, torch._foreach_* and (where it applies)
+    one elementwise op over pre-flattened buffers (the floor for one pass), each returning the new weights."""
+    params, grads, lr = x["params"], x["grads"], x["lr"]
+    out = {
+        "fastmeta": lambda: ops.fast_weight_update(params, grads, lr),
+        "reference": lambda: reference.fast_weight_update(params, grads, lr),
+    }
+    if w.per_element_lr:
+        out["loop"] = lambda: [p - a * g for p, g, a in zip(params, grads, lr)]
+        out["foreach"] = lambda: torch._foreach_addcmul(params, grads, lr, value=-1.0)
+    else:
+        out["loop"] = lambda: [p - lr * g for p, g in zip(params, grads)]
+        out["foreach"] = lambda: torch._foreach_add(params, grads, alpha=-lr)
+    if not params[0].requires_grad:
+        T = w.tasks
+        with torch.no_grad():
+            fp = torch.cat([p.reshape(-1) if w.shared else p.reshape(T, -1) for p in params], dim=-1)
+            fg = torch.cat([g.reshape(T, -1) for g in grads], dim=1)
+            if w.per_element_lr:
+                fl = torch.cat([a.reshape(-1) for a in lr])
+                out["flat"] = lambda: [torch.addcmul(fp, fg, fl, value=-1.0)]
+            else:
+                out["flat"] = lambda: [torch.sub(fp, fg, alpha=lr)]
+    return out
+
+
+def with_backward(fn: Callable[[], list[Tensor]], grad_outs: list[Tensor]) -> Callable[[], None]:
+    """Forward and backward of the update with the given upstream gradients."""
+
+    def run() -> None:
+        torch.autograd.backward(fn(), grad_outs)
+
+    return run
+
+
+def measure(fn: Callable[[], object], device: str, min_time: float = 0.3, max_reps: int = 2000) -> float:
+    """Median seconds per call of fn (warm), synchronising CUDA around each call."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(5):
+        fn()
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_reps and (time.perf_counter() - start < min_time or len(times) < 20):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_fast_weight_update(device: str = "cpu", workloads: list[Workload] | None = None) -> list[dict]:
+    """Times every method on every workload, forward alone and forward+backward. One row per measurement."""
+    rows = []
+    for w in workloads or WORKLOADS:
+        for mode in ("forward", "forward+backward"):
+            x = make_inputs(w, device, requires_grad=mode != "forward")
+            for name, fn in methods(w, x).items():
+                call = fn if mode == "forward" else with_backward(fn, x["grad_outs"])
+                for t in x["params"] + x["grads"] + (x["lr"] if isinstance(x["lr"], list) else []):
+                    t.grad = None
+                rows.append({"workload": w.label, "mode": mode, "method": name, "seconds": measure(call, device)})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table: median time and speed-up of fastmeta over each other method."""
+    lines = [
+        "| workload | mode | method | median | fastmeta speed-up |",
+        "|---|---|---|---:|---:|",
+    ]
+    groups: dict[tuple[str, str], dict[str, float]] = {}
+    for r in rows:
+        groups.setdefault((r["workload"], r["mode"]), {})[r["method"]] = r["seconds"]
+    for (workload, mode), times in groups.items():
+        ours = times.get("fastmeta")
+        for name, t in times.items():
+            ratio = f"{t / ours:.2f}x" if ours and name != "fastmeta" else ""
+            lines.append(f"| {workload} | {mode} | {name} | {_fmt(t)} | {ratio} |")
+    return "\n".join(lines)
+
+
+def _fmt(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.1f} us"
+
+
+def copy_bandwidth(numel: int, device: str) -> float:
+    """Bytes per second of a same-sized copy (read + write) on `device`: the roofline for an elementwise op."""
+    a = torch.randn(numel, device=device)
+    b = torch.empty_like(a)
+    t = measure(lambda: b.copy_(a), device)
+    return 2 * a.numel() * a.element_size() / t
