@@ -38,6 +38,10 @@ def _load() -> tuple[str | None, bool]:
 
 ERROR, WITH_CUDA = _load()
 AVAILABLE = ERROR is None
+# The ops' direct entry points (see csrc/fastmeta.cpp): same dispatch as torch.ops, less per-call overhead.
+call_fast_weight_update = None
+if AVAILABLE:
+    from fastmeta._C import fast_weight_update as call_fast_weight_update  # noqa: F401
 
 if not AVAILABLE:
     if os.environ.get("FASTMETA_REQUIRE_KERNELS") == "1":

@@ -113,7 +113,9 @@ def measure(fn: Callable[[], object], device: str, min_time: float = 0.3, max_re
     return statistics.median(times)
 
 
-def run_fast_weight_update(device: str = "cpu", workloads: list[Workload] | None = None) -> list[dict]:
+def run_fast_weight_update(
+    device: str = "cpu", workloads: list[Workload] | None = None, min_time: float = 0.3
+) -> list[dict]:
     """Times every method on every workload, forward alone and forward+backward. One row per measurement."""
     rows = []
     for w in workloads or WORKLOADS:
@@ -123,7 +125,9 @@ def run_fast_weight_update(device: str = "cpu", workloads: list[Workload] | None
                 call = fn if mode == "forward" else with_backward(fn, x["grad_outs"])
                 for t in x["params"] + x["grads"] + (x["lr"] if isinstance(x["lr"], list) else []):
                     t.grad = None
-                rows.append({"workload": w.label, "mode": mode, "method": name, "seconds": measure(call, device)})
+                rows.append(
+                    {"workload": w.label, "mode": mode, "method": name, "seconds": measure(call, device, min_time)}
+                )
     return rows
 
 

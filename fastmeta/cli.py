@@ -28,7 +28,7 @@ def _bench(args: argparse.Namespace) -> int:
         f"{torch.get_num_threads()} CPU threads, kernels {kernels}"
     )
     workloads = [w for w in bench.WORKLOADS if args.workload in (None, w.name)]
-    rows = bench.run_fast_weight_update(args.device, workloads)
+    rows = bench.run_fast_weight_update(args.device, workloads, min_time=args.min_time)
     print("\nfast_weight_update (median per call; speed-up = other method's time / fastmeta's)\n")
     print(bench.format_table(rows))
     if args.device.startswith("cuda"):
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="time the kernels against the reference and the usual alternatives")
     b.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     b.add_argument("--workload", choices=["conv4", "mlp"], default=None, help="only this workload")
+    b.add_argument("--min-time", type=float, default=0.3, help="seconds to time each measurement (default 0.3)")
     b.add_argument("--json", default=None, help="also write the measurements to this JSON file")
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)

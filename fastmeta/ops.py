@@ -61,6 +61,10 @@ def fast_weight_update(
     if torch._C._are_functorch_transforms_active():
         n = len(params)
         return list(_FastWeightUpdate.apply(n, len(lrs), len(decays), lr_s, decay_s, *params, *grads, *lrs, *decays))
+    if not torch.compiler.is_compiling():
+        out = _kernels.call_fast_weight_update(params, grads, lrs, decays, lr_s, decay_s)
+        if out is not NotImplemented:
+            return out
     return torch.ops.fastmeta.fast_weight_update(params, grads, lrs, decays, lr_s, decay_s)
 
 
