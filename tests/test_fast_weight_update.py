@@ -436,3 +436,47 @@ def test_version_mismatch_is_reported(monkeypatch):
     if error is not None and "not built" in error:
         pytest.skip("no build info: kernels not built")
     assert error is not None and "0.0.1-not-this-one" in error and "rebuild" in error
+
+
+# --------------------------------------------------------------------------- dispatch: subclasses and modes
+
+
+class _Logged(torch.Tensor):
+    """A tensor subclass with its own __torch_function__ (must not take the direct C++ entry)."""
+
+    calls: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls.append(getattr(func, "__name__", str(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_tensor_subclass_and_torch_function_mode_see_the_op():
+    p, g = torch.randn(3), torch.randn(2, 3)
+    _Logged.calls.clear()
+    out = fwu([p.as_subclass(_Logged)], [g.as_subclass(_Logged)], 0.5)
+    assert_close(out[0].as_subclass(torch.Tensor), p - 0.5 * g)
+    if KERNELS:
+        assert any("fast_weight_update" in c for c in _Logged.calls), _Logged.calls
+
+    seen = []
+
+    class Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        out = fwu([p], [g], 0.5)
+    assert_close(out[0], p - 0.5 * g)
+    if KERNELS:
+        assert any("fast_weight_update" in s for s in seen), seen
+
+
+def test_parameters_take_the_kernel_and_get_gradients():
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    g = torch.randn(5, 4, 3)
+    out = fwu([p], [g], 0.1)
+    out[0].sum().backward()
+    assert_close(p.grad, torch.full_like(p, 5.0))
