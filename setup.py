@@ -56,15 +56,21 @@ def _extension():
     with_cuda = _build_cuda()
     _write_build_info(with_cuda)
     sources = ["csrc/fastmeta.cpp"] + sorted(glob.glob("csrc/autograd/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fvisibility=hidden"]
+    # -fopenmp: at::parallel_for is inline OpenMP; without it the CPU kernels would run on one thread. The
+    # libgomp.so.1 linked here is the one torch has already loaded (same soname): one thread pool.
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"]
+    link = ["-fopenmp"]
     if with_cuda:
         os.environ.setdefault("CUDA_HOME", _cuda_home())
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         nvcc = ["-O3", "-lineinfo", "-DFASTMETA_WITH_CUDA"]
         return CUDAExtension(
-            "fastmeta._C", sources, extra_compile_args={"cxx": cxx + ["-DFASTMETA_WITH_CUDA"], "nvcc": nvcc}
+            "fastmeta._C",
+            sources,
+            extra_compile_args={"cxx": cxx + ["-DFASTMETA_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=link,
         )
-    return CppExtension("fastmeta._C", sources, extra_compile_args={"cxx": cxx})
+    return CppExtension("fastmeta._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 setup(

@@ -278,8 +278,7 @@ std::vector<Tensor> fast_weight_update_cuda(
   out.reserve(plans.size());
   for (const auto& g : grads) out.push_back(at::empty(g.sizes(), g.options()));
   if (plans.empty()) return out;
-  TORCH_CHECK(
-      grads[0].is_cuda(), "fast_weight_update: the CUDA kernel got tensors on ", grads[0].device());
+  TORCH_CHECK(grads[0].is_cuda(), "fast_weight_update: the CUDA kernel got tensors on ", grads[0].device());
   const c10::cuda::CUDAGuard guard(grads[0].device());
   const auto p = contiguous(params), g = contiguous(grads), l = contiguous(lrs), d = contiguous(decays);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "fast_weight_update_cuda", [&] {
@@ -468,7 +467,8 @@ void launch_backward(
   const int64_t T = plans[0].tasks;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   // Columns per block: about kBwdTarget elements over the T tasks, in whole loop steps.
-  const int64_t width = kStep * std::min<int64_t>(kBwdTarget / kStep, std::max<int64_t>(1, kBwdTarget / kStep / std::max<int64_t>(T, 1)));
+  constexpr int64_t kMaxSteps = kBwdTarget / kStep;
+  const int64_t width = kStep * std::max<int64_t>(1, kMaxSteps / std::max<int64_t>(T, 1));
   auto chunks_of = [&](int64_t i) { return (plans[i].numel + width - 1) / width; };
   // One partial-sum slot per chunk of every tensor with a Scalar lr or decay gradient.
   std::vector<int64_t> slot(n, 0);
