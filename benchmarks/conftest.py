@@ -1,6 +1,10 @@
 import pytest
 import torch
 
+from fastmeta import bench
+
+bench.keep_freed_memory()  # see its docstring: timings without page-fault luck
+
 
 def pytest_addoption(parser):
     parser.addoption("--device", default="cpu", help="device to benchmark on: cpu or cuda")

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import statistics
 import time
 from collections.abc import Callable
@@ -97,11 +98,30 @@ def with_backward(fn: Callable[[], list[Tensor]], grad_outs: list[Tensor]) -> Ca
     return run
 
 
+def keep_freed_memory() -> bool:
+    """Asks glibc to keep freed memory (up to 32 MB a block) instead of returning it to the OS.
+
+    Without this, whether a method's outputs land on recycled or fresh (page-faulting) memory depends on the
+    heap's history: the same kernel then measured 1.6 ms or 5 ms per call (conv4, T=32) depending on what ran
+    before it. With it, every method is timed on warm memory, as PyTorch's caching allocator does on GPUs.
+    Affects only this (benchmark) process; returns False where it does not apply (not glibc).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
 def measure(fn: Callable[[], object], device: str, min_time: float = 0.3, max_reps: int = 2000) -> float:
     """Median seconds per call of fn (warm), synchronising CUDA around each call."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for _ in range(5):
+    warm_until = time.perf_counter() + min(0.1, min_time / 3)  # thread pool, caches and allocator reach steady state
+    for i in range(max_reps):
         fn()
+        if i >= 4 and time.perf_counter() > warm_until:
+            break
     sync()
     times: list[float] = []
     start = time.perf_counter()

@@ -27,6 +27,11 @@ def _bench(args: argparse.Namespace) -> int:
         f"fastmeta {fastmeta.__version__}, torch {torch.__version__}, device {args.device} ({where}), "
         f"{torch.get_num_threads()} CPU threads, kernels {kernels}"
     )
+    if args.malloc == "warm" and args.device == "cpu":
+        print(
+            "glibc keeps freed memory in this process (see fastmeta.bench.keep_freed_memory):",
+            bench.keep_freed_memory(),
+        )
     workloads = [w for w in bench.WORKLOADS if args.workload in (None, w.name)]
     rows = bench.run_fast_weight_update(args.device, workloads, min_time=args.min_time)
     print("\nfast_weight_update (median per call; speed-up = other method's time / fastmeta's)\n")
@@ -48,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     b.add_argument("--workload", choices=["conv4", "mlp"], default=None, help="only this workload")
     b.add_argument("--min-time", type=float, default=0.3, help="seconds to time each measurement (default 0.3)")
+    b.add_argument(
+        "--malloc",
+        choices=["warm", "default"],
+        default="warm",
+        help="warm: keep freed memory in the process, so no method pays page faults by luck (default)",
+    )
     b.add_argument("--json", default=None, help="also write the measurements to this JSON file")
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)

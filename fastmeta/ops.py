@@ -54,18 +54,38 @@ def fast_weight_update(
         if grads and _kernels.AVAILABLE:
             _warn_no_kernel(grads[0].device)
         return reference.fast_weight_update(params, grads, lr, decay)
+    functorch = torch._C._are_functorch_transforms_active()
+    if not functorch and not torch.compiler.is_compiling():
+        # Fast path: numbers, or tensors already in a form the kernel takes ([], S_i or (T, *S_i)), checked in C++.
+        lr_args, decay_args = _direct_coefs(lr, 0.0), _direct_coefs(decay, 1.0)
+        if lr_args is not None and decay_args is not None:
+            try:
+                out = _kernels.call_fast_weight_update(
+                    params, grads, lr_args[0], decay_args[0], lr_args[1], decay_args[1]
+                )
+            except ValueError:
+                out = NotImplemented  # other broadcastable shapes, or bad input: the general path below says which
+            if out is not NotImplemented:
+                return out
     if lr is None:
         raise TypeError("fast_weight_update: lr must be a number or a sequence of tensors, got None")
     lrs, lr_s = _coefs("lr", lr, grads)
     decays, decay_s = _coefs("decay", decay, grads)
-    if torch._C._are_functorch_transforms_active():
+    if functorch:
         n = len(params)
         return list(_FastWeightUpdate.apply(n, len(lrs), len(decays), lr_s, decay_s, *params, *grads, *lrs, *decays))
-    if not torch.compiler.is_compiling():
-        out = _kernels.call_fast_weight_update(params, grads, lrs, decays, lr_s, decay_s)
-        if out is not NotImplemented:
-            return out
     return torch.ops.fastmeta.fast_weight_update(params, grads, lrs, decays, lr_s, decay_s)
+
+
+def _direct_coefs(value: Coef | None, default: float) -> tuple[Sequence[Tensor], float] | None:
+    """(tensors, scalar) for the direct kernel call, or None where `value` needs the general path."""
+    if value is None:
+        return ([], 1.0) if default == 1.0 else None
+    if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)):
+        return [], float(value)
+    if isinstance(value, (list, tuple)):
+        return value, 1.0  # the C++ entry declines (NotImplemented) any element that is not a tensor
+    return None
 
 
 _warned_devices: set[str] = set()

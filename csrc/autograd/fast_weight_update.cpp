@@ -111,7 +111,15 @@ class FastWeightUpdate : public torch::autograd::Function<FastWeightUpdate> {
         if (mask[3]) gd.push_back(at::sum_to(at::mul(go, params[i]), decays[i].sym_sizes()));
       }
     } else {
-      std::tie(gp, gg, gl, gd) = call_backward(grad_outs, params, grads, lrs, decays, lr, decay, mask);
+      // d(new)/d(params) is the identity where params are per task and decay is 1: pass grad_outs through,
+      // as torch's own add does, instead of copying them.
+      bool identity = mask[0] && n_decays == 0 && decay == 1.0;
+      for (size_t i = 0; identity && i < n; ++i) identity = params[i].sizes() == grad_outs[i].sizes();
+      std::array<bool, 4> kernel_mask = mask;
+      kernel_mask[0] = mask[0] && !identity;
+      if (kernel_mask[0] || kernel_mask[1] || kernel_mask[2] || kernel_mask[3])
+        std::tie(gp, gg, gl, gd) = call_backward(grad_outs, params, grads, lrs, decays, lr, decay, kernel_mask);
+      if (identity) gp.assign(grad_outs.begin(), grad_outs.end());
     }
     variable_list result;
     result.reserve(2 * n + n_lrs + n_decays + 2);

@@ -45,6 +45,35 @@ FASTMETA_SIMD_CLONES void update_span(
   }
 }
 
+// Backward row kernels. "coef" operands are a vector (V) or one value; every loop is branch-free.
+// out[k] = c_k * x[k]   (c = -lr for d/dgrads, decay for per-task d/dparams)
+template <bool V, typename scalar_t, typename acc_t>
+FASTMETA_SIMD_CLONES void scale_span(
+    scalar_t* __restrict__ out, const scalar_t* __restrict__ c, acc_t cv, acc_t sign, const scalar_t* __restrict__ x,
+    int64_t n) {
+  for (int64_t k = 0; k < n; ++k)
+    out[k] = static_cast<scalar_t>(sign * (V ? static_cast<acc_t>(c[k]) : cv) * static_cast<acc_t>(x[k]));
+}
+
+// acc[k] += sign * c_k * x[k]   (sums over tasks: shared d/dparams, per-element d/dlr and d/ddecay)
+template <bool V, typename scalar_t, typename acc_t>
+FASTMETA_SIMD_CLONES void accumulate_span(
+    acc_t* __restrict__ acc, const scalar_t* __restrict__ c, acc_t cv, acc_t sign, const scalar_t* __restrict__ x,
+    int64_t n) {
+  for (int64_t k = 0; k < n; ++k)
+    acc[k] += sign * (V ? static_cast<acc_t>(c[k]) : cv) * static_cast<acc_t>(x[k]);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void scale_row(scalar_t* out, const scalar_t* c, acc_t cv, acc_t sign, const scalar_t* x, int64_t n) {
+  c ? scale_span<true>(out, c, cv, sign, x, n) : scale_span<false>(out, c, cv, sign, x, n);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void accumulate_row(acc_t* acc, const scalar_t* c, acc_t cv, acc_t sign, const scalar_t* x, int64_t n) {
+  c ? accumulate_span<true>(acc, c, cv, sign, x, n) : accumulate_span<false>(acc, c, cv, sign, x, n);
+}
+
 // Base pointer of a coefficient for task t, given how it broadcasts.
 template <typename scalar_t>
 inline const scalar_t* coef_row(const scalar_t* base, Bcast b, int64_t t, int64_t numel) {
@@ -173,37 +202,26 @@ void backward_kernel(
         const scalar_t* d_r = dp ? coef_row(dp, pl.decay, t, S) : nullptr;
         if (l_r) l_r += c0;
         if (d_r) d_r += c0;
-        if (need_g) {
-          scalar_t* out = gg[i].data_ptr<scalar_t>() + row;
-          for (int64_t k = 0; k < w; ++k)
-            out[k] = static_cast<scalar_t>(-(l_r ? static_cast<acc_t>(l_r[k]) : lsc) * static_cast<acc_t>(go_r[k]));
-        }
+        if (need_g) scale_row(gg[i].data_ptr<scalar_t>() + row, l_r, lsc, acc_t(-1), go_r, w);
         if (need_p) {
           if (pl.shared) {
-            for (int64_t k = 0; k < w; ++k)
-              acc_p[k] += (d_r ? static_cast<acc_t>(d_r[k]) : dsc) * static_cast<acc_t>(go_r[k]);
+            accumulate_row(acc_p.data(), d_r, dsc, acc_t(1), go_r, w);
           } else {
-            scalar_t* out = gp[i].data_ptr<scalar_t>() + row;
-            for (int64_t k = 0; k < w; ++k)
-              out[k] = static_cast<scalar_t>((d_r ? static_cast<acc_t>(d_r[k]) : dsc) * static_cast<acc_t>(go_r[k]));
+            scale_row(gp[i].data_ptr<scalar_t>() + row, d_r, dsc, acc_t(1), go_r, w);
           }
         }
         if (need_l) {
           if (pl.lr == Bcast::PerTaskElement) {
-            scalar_t* out = gl[i].data_ptr<scalar_t>() + row;
-            for (int64_t k = 0; k < w; ++k)
-              out[k] = static_cast<scalar_t>(-static_cast<acc_t>(go_r[k]) * static_cast<acc_t>(g_r[k]));
+            scale_row(gl[i].data_ptr<scalar_t>() + row, g_r, acc_t(0), acc_t(-1), go_r, w);
           } else {
-            for (int64_t k = 0; k < w; ++k) acc_l[k] -= static_cast<acc_t>(go_r[k]) * static_cast<acc_t>(g_r[k]);
+            accumulate_row(acc_l.data(), g_r, acc_t(0), acc_t(-1), go_r, w);
           }
         }
         if (need_d) {
           if (pl.decay == Bcast::PerTaskElement) {
-            scalar_t* out = gd[i].data_ptr<scalar_t>() + row;
-            for (int64_t k = 0; k < w; ++k)
-              out[k] = static_cast<scalar_t>(static_cast<acc_t>(go_r[k]) * static_cast<acc_t>(p_r[k]));
+            scale_row(gd[i].data_ptr<scalar_t>() + row, p_r, acc_t(0), acc_t(1), go_r, w);
           } else {
-            for (int64_t k = 0; k < w; ++k) acc_d[k] += static_cast<acc_t>(go_r[k]) * static_cast<acc_t>(p_r[k]);
+            accumulate_row(acc_d.data(), p_r, acc_t(0), acc_t(1), go_r, w);
           }
         }
       }
