@@ -147,6 +147,24 @@ def test_large_tensor_spanning_many_work_units(device):
 # ---------------------------------------------------------------------------------------------- autograd
 
 
+@pytest.mark.parametrize(
+    "lr_form,decay_form,shared",
+    [("float", "none", False), ("per_element", "float", True), ("per_task_element", "per_task_element", False)],
+)
+@pytest.mark.parametrize("T", [1, 7, 40])
+def test_gradients_of_large_tensors(device, lr_form, decay_form, shared, T):
+    """Tensors larger than a work unit (whole rows, pieces of rows, column blocks) next to tiny ones."""
+    shapes = [(70001,), (3, 1500), (5,), (2, 33000)]
+    params, grads = make(shapes, T, shared, torch.float32, device, requires_grad=True)
+    lr, decay = coefs(lr_form, grads, requires_grad=True), coefs(decay_form, grads, requires_grad=True)
+    leaves = params + grads + [c for c in (lr, decay) if isinstance(c, list) for c in c]
+    gos = [torch.randn_like(g) for g in grads]
+    got = torch.autograd.grad(fwu(params, grads, lr, decay), leaves, gos)
+    want = torch.autograd.grad(reference.fast_weight_update(params, grads, lr, decay), leaves, gos)
+    for a, b in zip(got, want):
+        assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def _flat_inputs(shapes, T, shared, lr_form, decay_form, dtype=torch.float64, device="cpu"):
     params, grads = make(shapes, T, shared, dtype, device, requires_grad=True)
     lr = coefs(lr_form, grads, requires_grad=True)

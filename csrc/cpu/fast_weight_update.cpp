@@ -150,9 +150,12 @@ std::vector<Tensor> fast_weight_update_cpu(
 // Columns (elements of S) per backward work unit; each unit walks all T tasks of its columns.
 constexpr int64_t kMaxBlockCols = 4096;
 
+// Tasks [task0, task1) x columns [col0, col1) of one tensor. Jobs that sum over tasks span all tasks and at most
+// block_cols columns (the width of the per-column accumulators).
 struct BwdJob {
   size_t tensor;
-  int64_t col0, col1;
+  int64_t task0, task1, col0, col1;
+  bool sums;
 };
 
 template <typename scalar_t>
@@ -166,14 +169,26 @@ void backward_kernel(
   if (n == 0) return;
   const int64_t T = plans[0].tasks;
   const int64_t block_cols = std::max<int64_t>(64, std::min<int64_t>(kMaxBlockCols, kGrain / std::max<int64_t>(T, 1)));
+  const bool need_p = mask[0], need_g = mask[1], need_l = mask[2] && !l.empty(), need_d = mask[3] && !d.empty();
   std::vector<BwdJob> jobs;
-  for (size_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < plans[i].numel; c += block_cols)
-      jobs.push_back({i, c, std::min(plans[i].numel, c + block_cols)});
+  for (size_t i = 0; i < n; ++i) {
+    const FwuPlan& pl = plans[i];
+    const int64_t S = pl.numel;
+    const bool sums_over_tasks = (need_p && pl.shared) || (need_l && pl.lr != Bcast::PerTaskElement) ||
+        (need_d && pl.decay != Bcast::PerTaskElement);
+    if (sums_over_tasks) {  // column blocks, each over all tasks
+      for (int64_t c = 0; c < S; c += block_cols) jobs.push_back({i, 0, T, c, std::min(S, c + block_cols), true});
+    } else if (S >= kGrain) {  // elementwise, long rows: pieces of one row
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t c = 0; c < S; c += kGrain) jobs.push_back({i, t, t + 1, c, std::min(S, c + kGrain), false});
+    } else if (S > 0) {  // elementwise, short rows: whole consecutive rows, contiguous in memory
+      const int64_t rows = std::max<int64_t>(1, kGrain / S);
+      for (int64_t t = 0; t < T; t += rows) jobs.push_back({i, t, std::min(T, t + rows), 0, S, false});
+    }
+  }
   // Per-job partial sums of scalar (0-d) lr and decay gradients, added in job order: deterministic.
   std::vector<acc_t> lr_part(jobs.size(), acc_t(0)), decay_part(jobs.size(), acc_t(0));
-  const bool need_p = mask[0], need_g = mask[1], need_l = mask[2] && !l.empty(), need_d = mask[3] && !d.empty();
-  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, T * block_cols));
+  const int64_t grain = 1;  // jobs hold about kGrain elements each
   at::parallel_for(0, static_cast<int64_t>(jobs.size()), grain, [&](int64_t jb, int64_t je) {
     std::vector<acc_t> acc_p(block_cols), acc_l(block_cols), acc_d(block_cols);
     for (int64_t j = jb; j < je; ++j) {
@@ -189,11 +204,14 @@ void backward_kernel(
       const acc_t lsc = pl.lr == Bcast::Scalar ? (lp ? static_cast<acc_t>(*lp) : static_cast<acc_t>(lr)) : acc_t(0);
       const acc_t dsc =
           pl.decay == Bcast::Scalar ? (dp ? static_cast<acc_t>(*dp) : static_cast<acc_t>(decay)) : acc_t(0);
-      std::fill(acc_p.begin(), acc_p.begin() + w, acc_t(0));
-      std::fill(acc_l.begin(), acc_l.begin() + w, acc_t(0));
-      std::fill(acc_d.begin(), acc_d.begin() + w, acc_t(0));
+      if (job.sums) {
+        TORCH_INTERNAL_ASSERT(w <= block_cols);
+        std::fill(acc_p.begin(), acc_p.begin() + w, acc_t(0));
+        std::fill(acc_l.begin(), acc_l.begin() + w, acc_t(0));
+        std::fill(acc_d.begin(), acc_d.begin() + w, acc_t(0));
+      }
       acc_t sum_l = 0, sum_d = 0;
-      for (int64_t t = 0; t < pl.tasks; ++t) {
+      for (int64_t t = job.task0; t < job.task1; ++t) {
         const int64_t row = t * S + c0;
         const scalar_t* go_r = gop + row;
         const scalar_t* p_r = (pl.shared ? pp + c0 : pp + row);
