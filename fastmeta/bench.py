@@ -114,8 +114,8 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def measure(fn: Callable[[], object], device: str, min_time: float = 0.3, max_reps: int = 2000) -> float:
-    """Median seconds per call of fn (warm), synchronising CUDA around each call."""
+def measure(fn: Callable[[], object], device: str, min_time: float = 0.3, max_reps: int = 2000) -> list[float]:
+    """Seconds per call of fn, warm, for at least min_time in all (CUDA synchronised around each call)."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     warm_until = time.perf_counter() + min(0.1, min_time / 3)  # thread pool, caches and allocator reach steady state
     for i in range(max_reps):
@@ -130,24 +130,30 @@ def measure(fn: Callable[[], object], device: str, min_time: float = 0.3, max_re
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
 def run_fast_weight_update(
-    device: str = "cpu", workloads: list[Workload] | None = None, min_time: float = 0.3
+    device: str = "cpu", workloads: list[Workload] | None = None, min_time: float = 0.3, rounds: int = 3
 ) -> list[dict]:
-    """Times every method on every workload, forward alone and forward+backward. One row per measurement."""
+    """Times every method on every workload, forward alone and forward+backward: one row per measurement, the
+    median over `rounds` interleaved rounds (methods take turns, so a slow spell of a noisy machine hits all)."""
     rows = []
     for w in workloads or WORKLOADS:
         for mode in ("forward", "forward+backward"):
             x = make_inputs(w, device, requires_grad=mode != "forward")
-            for name, fn in methods(w, x).items():
-                call = fn if mode == "forward" else with_backward(fn, x["grad_outs"])
-                for t in x["params"] + x["grads"] + (x["lr"] if isinstance(x["lr"], list) else []):
-                    t.grad = None
-                rows.append(
-                    {"workload": w.label, "mode": mode, "method": name, "seconds": measure(call, device, min_time)}
-                )
+            calls = {
+                name: fn if mode == "forward" else with_backward(fn, x["grad_outs"])
+                for name, fn in methods(w, x).items()
+            }
+            samples: dict[str, list[float]] = {name: [] for name in calls}
+            for _ in range(rounds):
+                for name, call in calls.items():
+                    samples[name] += measure(call, device, min_time / rounds)
+                    for t in x["params"] + x["grads"] + (x["lr"] if isinstance(x["lr"], list) else []):
+                        t.grad = None
+            for name, times in samples.items():
+                rows.append({"workload": w.label, "mode": mode, "method": name, "seconds": statistics.median(times)})
     return rows
 
 
@@ -172,9 +178,15 @@ def _fmt(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.1f} us"
 
 
+def bytes_moved(w: Workload, element_size: int = 4) -> int:
+    """Bytes the forward update must read and write at least: grads, params, lr in; new weights out."""
+    S = sum(torch.Size(s).numel() for s in w.shapes)
+    return element_size * (2 * w.tasks * S + (S if w.shared else w.tasks * S) + (S if w.per_element_lr else 0))
+
+
 def copy_bandwidth(numel: int, device: str) -> float:
     """Bytes per second of a same-sized copy (read + write) on `device`: the roofline for an elementwise op."""
     a = torch.randn(numel, device=device)
     b = torch.empty_like(a)
-    t = measure(lambda: b.copy_(a), device)
+    t = statistics.median(measure(lambda: b.copy_(a), device))
     return 2 * a.numel() * a.element_size() / t

@@ -33,13 +33,21 @@ def _bench(args: argparse.Namespace) -> int:
             bench.keep_freed_memory(),
         )
     workloads = [w for w in bench.WORKLOADS if args.workload in (None, w.name)]
-    rows = bench.run_fast_weight_update(args.device, workloads, min_time=args.min_time)
+    rows = bench.run_fast_weight_update(args.device, workloads, min_time=args.min_time, rounds=args.rounds)
     print("\nfast_weight_update (median per call; speed-up = other method's time / fastmeta's)\n")
     print(bench.format_table(rows))
     if args.device.startswith("cuda"):
-        numel = sum(torch.Size(s).numel() for s in bench.CONV4_SHAPES) * 32
-        bw = bench.copy_bandwidth(numel, args.device)
-        print(f"\nsame-sized copy (conv4 T=32, float32): {bw / 1e9:.0f} GB/s")
+        print("\nforward bandwidth (bytes read and written at least / median time) against a same-sized copy:\n")
+        print("| workload | fastmeta | copy | fastmeta / copy |\n|---|---:|---:|---:|")
+        for w in workloads:
+            t = next(
+                r["seconds"]
+                for r in rows
+                if r["workload"] == w.label and r["mode"] == "forward" and r["method"] == "fastmeta"
+            )
+            moved = bench.bytes_moved(w)
+            copy = bench.copy_bandwidth(moved // 8, args.device)  # a copy of moved/2 bytes moves `moved` bytes
+            print(f"| {w.label} | {moved / t / 1e9:.0f} GB/s | {copy / 1e9:.0f} GB/s | {moved / t / copy:.0%} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "torch": torch.__version__, "rows": rows}, f, indent=1)
@@ -52,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="time the kernels against the reference and the usual alternatives")
     b.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     b.add_argument("--workload", choices=["conv4", "mlp"], default=None, help="only this workload")
-    b.add_argument("--min-time", type=float, default=0.3, help="seconds to time each measurement (default 0.3)")
+    b.add_argument("--min-time", type=float, default=0.6, help="seconds to time each measurement (default 0.6)")
+    b.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement (default 3)")
     b.add_argument(
         "--malloc",
         choices=["warm", "default"],
