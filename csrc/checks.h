@@ -5,7 +5,11 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include <ATen/ops/empty.h>
+
+#include <array>
 #include <sstream>
+#include <tuple>
 #include <vector>
 
 namespace fastmeta {
@@ -120,6 +124,35 @@ inline std::vector<FwuPlan> plan_fast_weight_update(
       check_like(decays[i], "decay", i, ref, op);
       plan.decay = classify_coef(decays[i], g, "decay", i, op);
     }
+  }
+  return plans;
+}
+
+using BackwardLists =
+    std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+// Validates the arguments of fast_weight_update_backward (grad_outs[i] shaped like grads[i]), returns the plans
+// and allocates the gradients that `mask` asks for: of params, grads, lrs and decays (empty lists otherwise).
+inline std::vector<FwuPlan> plan_fast_weight_update_backward(
+    at::TensorList grad_outs, at::TensorList params, at::TensorList grads, at::TensorList lrs,
+    at::TensorList decays, const std::array<bool, 4>& mask, BackwardLists& out) {
+  const char* op = "fast_weight_update_backward";
+  auto plans = plan_fast_weight_update(params, grads, lrs, decays, op);
+  TORCH_CHECK_VALUE(
+      grad_outs.size() == grads.size(), op, ": grad_outs has ", grad_outs.size(), " entries, expected ",
+      grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    check_like(grad_outs[i], "grad_outs", i, grads[0], op);
+    TORCH_CHECK_VALUE(
+        grad_outs[i].sizes() == grads[i].sizes(), op, ": grad_outs[", i, "] has shape ",
+        shape_str(grad_outs[i].sizes()), ", expected ", shape_str(grads[i].sizes()));
+  }
+  auto& [gp, gg, gl, gd] = out;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (mask[0]) gp.push_back(at::empty(params[i].sizes(), params[i].options()));
+    if (mask[1]) gg.push_back(at::empty(grads[i].sizes(), grads[i].options()));
+    if (mask[2] && !lrs.empty()) gl.push_back(at::empty(lrs[i].sizes(), lrs[i].options()));
+    if (mask[3] && !decays.empty()) gd.push_back(at::empty(decays[i].sizes(), decays[i].options()));
   }
   return plans;
 }

@@ -10,6 +10,8 @@
 
 #include <array>
 
+#include "../checks.h"
+
 namespace fastmeta {
 namespace {
 
@@ -26,15 +28,13 @@ std::vector<Tensor> call_forward(
   return op.call(params, grads, lrs, decays, lr, decay);
 }
 
-using BackwardResult = std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>;
-
-BackwardResult call_backward(
+BackwardLists call_backward(
     TensorList grad_outs, TensorList params, TensorList grads, TensorList lrs, TensorList decays, double lr,
     double decay, std::array<bool, 4> mask) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fastmeta::fast_weight_update_backward", "")
-          .typed<BackwardResult(
+          .typed<BackwardLists(
               TensorList, TensorList, TensorList, TensorList, TensorList, double, double, std::array<bool, 4>)>();
   return op.call(grad_outs, params, grads, lrs, decays, lr, decay, mask);
 }

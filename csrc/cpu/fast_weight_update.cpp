@@ -279,35 +279,19 @@ void backward_kernel(
   }
 }
 
-std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>
-fast_weight_update_backward_cpu(
+BackwardLists fast_weight_update_backward_cpu(
     at::TensorList grad_outs, at::TensorList params, at::TensorList grads, at::TensorList lrs,
     at::TensorList decays, double lr, double decay, std::array<bool, 4> mask) {
-  const auto plans = plan_fast_weight_update(params, grads, lrs, decays, "fast_weight_update_backward");
-  TORCH_CHECK_VALUE(
-      grad_outs.size() == grads.size(), "fast_weight_update_backward: grad_outs has ", grad_outs.size(),
-      " entries, expected ", grads.size());
-  for (size_t i = 0; i < grads.size(); ++i) {
-    check_like(grad_outs[i], "grad_outs", i, grads[0], "fast_weight_update_backward");
-    TORCH_CHECK_VALUE(
-        grad_outs[i].sizes() == grads[i].sizes(), "fast_weight_update_backward: grad_outs[", i, "] has shape ",
-        shape_str(grad_outs[i].sizes()), ", expected ", shape_str(grads[i].sizes()));
-  }
-  std::vector<Tensor> gp, gg, gl, gd;
-  const size_t n = plans.size();
-  for (size_t i = 0; i < n; ++i) {
-    if (mask[0]) gp.push_back(at::empty(params[i].sizes(), params[i].options()));
-    if (mask[1]) gg.push_back(at::empty(grads[i].sizes(), grads[i].options()));
-    if (mask[2] && !lrs.empty()) gl.push_back(at::empty(lrs[i].sizes(), lrs[i].options()));
-    if (mask[3] && !decays.empty()) gd.push_back(at::empty(decays[i].sizes(), decays[i].options()));
-  }
-  if (n == 0) return {gp, gg, gl, gd};
+  BackwardLists out;
+  const auto plans = plan_fast_weight_update_backward(grad_outs, params, grads, lrs, decays, mask, out);
+  auto& [gp, gg, gl, gd] = out;
+  if (plans.empty()) return out;
   const auto go = contiguous(grad_outs), p = contiguous(params), g = contiguous(grads), l = contiguous(lrs),
              d = contiguous(decays);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grads[0].scalar_type(), "fast_weight_update_backward_cpu",
       [&] { backward_kernel<scalar_t>(plans, mask, go, p, g, l, d, lr, decay, gp, gg, gl, gd); });
-  return {gp, gg, gl, gd};
+  return out;
 }
 
 }  // namespace

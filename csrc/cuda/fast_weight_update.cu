@@ -539,35 +539,16 @@ void launch_backward(
   flush();
 }
 
-void check_grad_outs(at::TensorList grad_outs, at::TensorList grads, const char* op) {
-  TORCH_CHECK_VALUE(
-      grad_outs.size() == grads.size(), op, ": grad_outs has ", grad_outs.size(), " entries, expected ",
-      grads.size());
-  for (size_t i = 0; i < grads.size(); ++i) {
-    check_like(grad_outs[i], "grad_outs", i, grads[0], op);
-    TORCH_CHECK_VALUE(
-        grad_outs[i].sizes() == grads[i].sizes(), op, ": grad_outs[", i, "] has shape ",
-        shape_str(grad_outs[i].sizes()), ", expected ", shape_str(grads[i].sizes()));
-  }
-}
-
-std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>
-fast_weight_update_backward_cuda(
+BackwardLists fast_weight_update_backward_cuda(
     at::TensorList grad_outs, at::TensorList params, at::TensorList grads, at::TensorList lrs,
     at::TensorList decays, double lr, double decay, std::array<bool, 4> mask) {
   const char* op = "fast_weight_update_backward";
-  const auto plans = plan_fast_weight_update(params, grads, lrs, decays, op);
-  check_grad_outs(grad_outs, grads, op);
-  std::vector<Tensor> gp, gg, gl, gd;
+  BackwardLists out;
+  const auto plans = plan_fast_weight_update_backward(grad_outs, params, grads, lrs, decays, mask, out);
+  auto& [gp, gg, gl, gd] = out;
   const size_t n = plans.size();
-  for (size_t i = 0; i < n; ++i) {
-    if (mask[0]) gp.push_back(at::empty(params[i].sizes(), params[i].options()));
-    if (mask[1]) gg.push_back(at::empty(grads[i].sizes(), grads[i].options()));
-    if (mask[2] && !lrs.empty()) gl.push_back(at::empty(lrs[i].sizes(), lrs[i].options()));
-    if (mask[3] && !decays.empty()) gd.push_back(at::empty(decays[i].sizes(), decays[i].options()));
-  }
   const bool need_l = mask[2] && !lrs.empty(), need_d = mask[3] && !decays.empty();
-  if (n == 0 || !(mask[0] || mask[1] || need_l || need_d)) return {gp, gg, gl, gd};
+  if (n == 0 || !(mask[0] || mask[1] || need_l || need_d)) return out;
   TORCH_CHECK(grads[0].is_cuda(), op, ": the CUDA kernel got tensors on ", grads[0].device());
   const c10::cuda::CUDAGuard guard(grads[0].device());
   const auto go = contiguous(grad_outs), p = contiguous(params), g = contiguous(grads), l = contiguous(lrs),
@@ -575,7 +556,7 @@ fast_weight_update_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grads[0].scalar_type(), "fast_weight_update_backward_cuda",
       [&] { launch_backward<scalar_t>(plans, need_l, need_d, go, p, g, l, d, lr, decay, gp, gg, gl, gd); });
-  return {gp, gg, gl, gd};
+  return out;
 }
 
 }  // namespace
