@@ -32,6 +32,13 @@ def _load() -> tuple[str | None, bool]:
     try:
         from fastmeta import _C
     except (ImportError, OSError) as e:
+        here = os.path.dirname(os.path.abspath(__file__))
+        if not any(name.startswith("_C.") for name in os.listdir(here)):
+            return (
+                f"fastmeta was imported from {here}, which holds no built kernels (a source folder on sys.path, "
+                "e.g. through `python -m` run there?); run from another folder so that the installed package is "
+                "imported, or build in place with `python setup.py build_ext --inplace`"
+            ), False
         return f"fastmeta's kernels failed to load ({e}); {REBUILD}", False
     return None, bool(_C.with_cuda)
 
