@@ -157,6 +157,61 @@ inline std::vector<FwuPlan> plan_fast_weight_update_backward(
   return plans;
 }
 
+// ------------------------------------------------------------------------------------------- contrastive
+
+inline void check_margin_eps(double margin, double eps, const char* op) {
+  TORCH_CHECK_VALUE(margin >= 0, op, ": margin must be >= 0, got ", margin);
+  TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
+}
+
+// x1, x2: (B, D) of one supported float dtype and device; same: (B,) of that dtype (same[b] = 1: one class).
+inline void check_pair_inputs(
+    const at::Tensor& x1, const at::Tensor& x2, const at::Tensor* same, double margin, double eps, const char* op) {
+  TORCH_CHECK_TYPE(
+      is_supported_float(x1.scalar_type()), op, ": x1 has dtype ", dtype_str(x1.scalar_type()),
+      "; supported: float32, float64, float16, bfloat16");
+  TORCH_CHECK_VALUE(x1.dim() == 2, op, ": x1 must have shape (B, D), got ", shape_str(x1.sizes()));
+  TORCH_CHECK_VALUE(
+      x2.sizes() == x1.sizes(), op, ": x2 has shape ", shape_str(x2.sizes()), " but x1 has shape ",
+      shape_str(x1.sizes()));
+  TORCH_CHECK_TYPE(
+      x2.scalar_type() == x1.scalar_type(), op, ": x2 has dtype ", dtype_str(x2.scalar_type()), " but x1 has dtype ",
+      dtype_str(x1.scalar_type()));
+  TORCH_CHECK(x2.device() == x1.device(), op, ": x2 is on ", x2.device(), " but x1 is on ", x1.device());
+  if (same != nullptr) {
+    TORCH_CHECK_VALUE(
+        same->dim() == 1 && same->size(0) == x1.size(0), op, ": same has shape ", shape_str(same->sizes()),
+        ", expected [", x1.size(0), "] (one label per pair)");
+    TORCH_CHECK_TYPE(
+        same->scalar_type() == x1.scalar_type(), op, ": same has dtype ", dtype_str(same->scalar_type()),
+        " but x1 has dtype ", dtype_str(x1.scalar_type()));
+    TORCH_CHECK(same->device() == x1.device(), op, ": same is on ", same->device(), " but x1 is on ", x1.device());
+  }
+  check_margin_eps(margin, eps, op);
+}
+
+// embeddings: (N, D) of a supported float dtype, N >= 2; labels: (N,) int64 on the same device.
+inline void check_all_pairs_inputs(
+    const at::Tensor& embeddings, const at::Tensor& labels, double margin, double eps, const char* op) {
+  TORCH_CHECK_TYPE(
+      is_supported_float(embeddings.scalar_type()), op, ": embeddings has dtype ",
+      dtype_str(embeddings.scalar_type()), "; supported: float32, float64, float16, bfloat16");
+  TORCH_CHECK_VALUE(
+      embeddings.dim() == 2, op, ": embeddings must have shape (N, D), got ", shape_str(embeddings.sizes()));
+  TORCH_CHECK_VALUE(
+      embeddings.size(0) >= 2, op, ": needs at least 2 embeddings to form a pair, got ", embeddings.size(0));
+  TORCH_CHECK_VALUE(
+      labels.dim() == 1 && labels.size(0) == embeddings.size(0), op, ": labels has shape ",
+      shape_str(labels.sizes()), ", expected [", embeddings.size(0), "] (one label per embedding)");
+  TORCH_CHECK_TYPE(
+      labels.scalar_type() == c10::kLong, op, ": labels has dtype ", dtype_str(labels.scalar_type()),
+      ", expected torch.int64");
+  TORCH_CHECK(
+      labels.device() == embeddings.device(), op, ": labels is on ", labels.device(), " but embeddings is on ",
+      embeddings.device());
+  check_margin_eps(margin, eps, op);
+}
+
 // Contiguous versions of a tensor list (no copy for tensors that already are).
 inline std::vector<at::Tensor> contiguous(at::TensorList ts) {
   std::vector<at::Tensor> out;

@@ -18,6 +18,23 @@ TORCH_LIBRARY(fastmeta, m) {
   m.def(
       "fast_weight_update_backward(Tensor[] grad_outs, Tensor[] params, Tensor[] grads, Tensor[] lrs, "
       "Tensor[] decays, float lr, float decay, bool[4] output_mask) -> (Tensor[], Tensor[], Tensor[], Tensor[])");
+
+  // Row-wise Euclidean distance d_b = sqrt(||x1_b - x2_b||^2 + eps): (B, D), (B, D) -> (B,).
+  m.def("pairwise_distance(Tensor x1, Tensor x2, float eps) -> Tensor");
+  // Per-pair contrastive loss (Hadsell et al. 2006), same = 1 for a pair of one class:
+  // L_b = same_b * d_b^2 + (1 - same_b) * max(0, margin - d_b)^2: (B, D), (B, D), (B,) -> (B,).
+  m.def("contrastive_loss(Tensor x1, Tensor x2, Tensor same, float margin, float eps) -> Tensor");
+  // Gradients of sum_b grad_b * L_b w.r.t. x1 and x2.
+  m.def(
+      "contrastive_loss_backward(Tensor grad, Tensor x1, Tensor x2, Tensor same, float margin, float eps) "
+      "-> (Tensor, Tensor)");
+  // Mean of L over the N(N-1)/2 pairs i < j of embeddings (N, D), same = (labels_i == labels_j): a 0-d tensor.
+  // Tiled: memory O(N * D + tile^2), never N x N.
+  m.def("contrastive_loss_all_pairs(Tensor embeddings, Tensor labels, float margin, float eps) -> Tensor");
+  // Gradient of grad * contrastive_loss_all_pairs w.r.t. embeddings (grad: 0-d), recomputed tile by tile.
+  m.def(
+      "contrastive_loss_all_pairs_backward(Tensor grad, Tensor embeddings, Tensor labels, float margin, "
+      "float eps) -> Tensor");
 }
 
 namespace {

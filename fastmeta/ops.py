@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from fastmeta import _kernels, reference
-from fastmeta.reference import Coef
+from fastmeta.reference import EPS, Coef
 
-__all__ = ["fast_weight_update"]
+__all__ = ["fast_weight_update", "pairwise_distance", "contrastive_loss", "contrastive_loss_all_pairs"]
 
 
 def _coefs(name: str, value: Coef | None, grads: list[Tensor]) -> tuple[list[Tensor], float]:
@@ -253,3 +253,140 @@ if _kernels.AVAILABLE:
         return like(params, mask[0]), like(grads, mask[1]), like(lrs, mask[2]), like(decays, mask[3])
 
     torch.library.register_vmap("fastmeta::fast_weight_update", _vmap_op)
+
+
+# ---------------------------------------------------------------------------------------------- contrastive
+
+
+def _use_kernel(t: Tensor) -> bool:
+    """Whether `t`'s op runs the compiled kernel (torch.func transforms run the reference, which they trace)."""
+    if not _kernels.supports(t.device):
+        if _kernels.AVAILABLE:
+            _warn_no_kernel(t.device)
+        return False
+    return not torch._C._are_functorch_transforms_active()
+
+
+def pairwise_distance(x1: Tensor, x2: Tensor, eps: float = EPS) -> Tensor:
+    """Row-wise Euclidean distance d_b = sqrt(||x1_b - x2_b||^2 + eps), fused: (B, D), (B, D) -> (B,)."""
+    if not isinstance(x1, Tensor) or not _use_kernel(x1):
+        return reference.pairwise_distance(x1, x2, eps)
+    reference.check_pairs(x1, x2, None, "pairwise_distance")
+    return torch.ops.fastmeta.pairwise_distance(x1, x2, float(eps))
+
+
+def contrastive_loss(
+    x1: Tensor, x2: Tensor, same: Tensor, margin: float = 1.0, reduction: str = "mean", eps: float = EPS
+) -> Tensor:
+    """Contrastive loss (Hadsell, Chopra & LeCun 2006) of B pairs, fused: one pass forward, one backward.
+
+    L_b = same_b * d_b^2 + (1 - same_b) * max(0, margin - d_b)^2 with d_b = sqrt(||x1_b - x2_b||^2 + eps).
+    same_b = 1 for a pair of the SAME class (pulled together), 0 for different classes (pushed apart past the
+    margin). Beware: the widely copied form (1 - y) d^2 + y max(0, m - d)^2 uses y = 1 for DISSIMILAR pairs.
+    x1, x2: (B, D); same: (B,) bool, integer or float. reduction: "mean" or "sum" (0-d) or "none" ((B,)).
+    """
+    if not isinstance(x1, Tensor) or not _use_kernel(x1):
+        return reference.contrastive_loss(x1, x2, same, margin, reduction, eps)
+    op = "contrastive_loss"
+    reference.check_pairs(x1, x2, same, op)
+    if reduction not in reference.REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {reference.REDUCTIONS}, got {reduction!r}")
+    losses = torch.ops.fastmeta.contrastive_loss(x1, x2, same.to(x1.dtype), float(margin), float(eps))
+    if reduction == "none":
+        return losses
+    # Half types: reduce in float32, as the reference does.
+    acc = losses.to(torch.promote_types(losses.dtype, torch.float32))
+    return (acc.mean() if reduction == "mean" else acc.sum()).to(losses.dtype)
+
+
+def contrastive_loss_all_pairs(embeddings: Tensor, labels: Tensor, margin: float = 1.0, eps: float = EPS) -> Tensor:
+    """Mean contrastive loss over all N(N-1)/2 pairs i < j of embeddings (N, D), same = (labels_i == labels_j).
+
+    Tiled (a matrix product per tile, reduced online; backward recomputes each tile): memory O(N * D + tile^2),
+    never N x N. labels: (N,) integers. Returns a 0-d tensor in embeddings' dtype.
+    """
+    if not isinstance(embeddings, Tensor) or not _use_kernel(embeddings):
+        return reference.contrastive_loss_all_pairs(embeddings, labels, margin, eps)
+    reference.check_all_pairs(embeddings, labels)
+    return torch.ops.fastmeta.contrastive_loss_all_pairs(embeddings, labels.long(), float(margin), float(eps))
+
+
+def _pairwise_distance_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x1, x2, _ = inputs
+    ctx.save_for_backward(x1, x2, output)
+
+
+def _pairwise_distance_backward(ctx, grad):  # noqa: ANN001, ANN202
+    x1, x2, d = ctx.saved_tensors
+    acc = torch.promote_types(x1.dtype, torch.float32)
+    g = (grad.to(acc) / d.to(acc)).unsqueeze(1) * (x1.to(acc) - x2.to(acc))
+    return g.to(x1.dtype), (-g).to(x2.dtype), None
+
+
+def _contrastive_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    x1, x2, same, margin, eps = inputs
+    ctx.save_for_backward(x1, x2, same)
+    ctx.margin, ctx.eps = margin, eps
+
+
+def _contrastive_backward(ctx, grad):  # noqa: ANN001, ANN202
+    x1, x2, same = ctx.saved_tensors
+    if torch.is_grad_enabled():  # double backward: differentiate the reference, which is exact
+        with torch.enable_grad():
+            losses = reference.contrastive_loss(x1, x2, same, ctx.margin, "none", ctx.eps)
+        g1, g2 = torch.autograd.grad(losses, (x1, x2), grad, create_graph=True)
+    else:
+        g1, g2 = torch.ops.fastmeta.contrastive_loss_backward(grad, x1, x2, same, ctx.margin, ctx.eps)
+    return g1, g2, None, None, None
+
+
+def _all_pairs_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    embeddings, labels, margin, eps = inputs
+    ctx.save_for_backward(embeddings, labels)
+    ctx.margin, ctx.eps = margin, eps
+
+
+def _all_pairs_backward(ctx, grad):  # noqa: ANN001, ANN202
+    embeddings, labels = ctx.saved_tensors
+    if torch.is_grad_enabled():  # double backward through the (N x N) reference
+        with torch.enable_grad():
+            loss = reference.contrastive_loss_all_pairs(embeddings, labels, ctx.margin, ctx.eps)
+        (g,) = torch.autograd.grad(loss, embeddings, grad, create_graph=True)
+    else:
+        g = torch.ops.fastmeta.contrastive_loss_all_pairs_backward(grad, embeddings, labels, ctx.margin, ctx.eps)
+    return g, None, None, None
+
+
+if _kernels.AVAILABLE:
+
+    @torch.library.register_fake("fastmeta::pairwise_distance")
+    def _pairwise_distance_fake(x1, x2, eps):  # noqa: ANN001, ANN202
+        return x1.new_empty(x1.shape[:1])
+
+    @torch.library.register_fake("fastmeta::contrastive_loss")
+    def _contrastive_fake(x1, x2, same, margin, eps):  # noqa: ANN001, ANN202
+        return x1.new_empty(x1.shape[:1])
+
+    @torch.library.register_fake("fastmeta::contrastive_loss_backward")
+    def _contrastive_backward_fake(grad, x1, x2, same, margin, eps):  # noqa: ANN001, ANN202
+        return torch.empty_like(x1, memory_format=torch.contiguous_format), torch.empty_like(
+            x2, memory_format=torch.contiguous_format
+        )
+
+    @torch.library.register_fake("fastmeta::contrastive_loss_all_pairs")
+    def _all_pairs_fake(embeddings, labels, margin, eps):  # noqa: ANN001, ANN202
+        return embeddings.new_empty(())
+
+    @torch.library.register_fake("fastmeta::contrastive_loss_all_pairs_backward")
+    def _all_pairs_backward_fake(grad, embeddings, labels, margin, eps):  # noqa: ANN001, ANN202
+        return torch.empty_like(embeddings, memory_format=torch.contiguous_format)
+
+    torch.library.register_autograd(
+        "fastmeta::pairwise_distance", _pairwise_distance_backward, setup_context=_pairwise_distance_setup
+    )
+    torch.library.register_autograd(
+        "fastmeta::contrastive_loss", _contrastive_backward, setup_context=_contrastive_setup
+    )
+    torch.library.register_autograd(
+        "fastmeta::contrastive_loss_all_pairs", _all_pairs_backward, setup_context=_all_pairs_setup
+    )

@@ -130,3 +130,114 @@ def fast_weight_update(
         new = p_ - lr_i * g_
         out.append(new.to(g.dtype))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- contrastive
+
+EPS = 1e-12  # d = sqrt(||x1 - x2||^2 + eps): finite loss and gradient where x1 == x2
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _float_check(t: Tensor, name: str, op: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported: float32, float64, float16, bfloat16")
+
+
+def _check_margin_eps(margin: float, eps: float, op: str) -> None:
+    if not margin >= 0:
+        raise ValueError(f"{op}: margin must be >= 0, got {margin}")
+    if not eps >= 0:
+        raise ValueError(f"{op}: eps must be >= 0, got {eps}")
+
+
+def check_pairs(x1: Tensor, x2: Tensor, same: Tensor | None, op: str) -> None:
+    """Raises naming the argument unless x1, x2 are (B, D) of one float dtype and device and same is (B,)."""
+    _float_check(x1, "x1", op)
+    if x1.dim() != 2:
+        raise ValueError(f"{op}: x1 must have shape (B, D), got {list(x1.shape)}")
+    if not isinstance(x2, Tensor) or x2.shape != x1.shape:
+        raise ValueError(f"{op}: x2 has shape {list(getattr(x2, 'shape', []))} but x1 has shape {list(x1.shape)}")
+    if x2.dtype != x1.dtype:
+        raise TypeError(f"{op}: x2 has dtype {x2.dtype} but x1 has dtype {x1.dtype}")
+    if x2.device != x1.device:
+        raise RuntimeError(f"{op}: x2 is on {x2.device} but x1 is on {x1.device}")
+    if same is not None:
+        if not isinstance(same, Tensor) or same.shape != x1.shape[:1]:
+            shape = list(getattr(same, "shape", []))
+            raise ValueError(f"{op}: same has shape {shape}, expected [{x1.shape[0]}] (one label per pair)")
+        if same.device != x1.device:
+            raise RuntimeError(f"{op}: same is on {same.device} but x1 is on {x1.device}")
+
+
+def check_all_pairs(embeddings: Tensor, labels: Tensor, op: str = "contrastive_loss_all_pairs") -> None:
+    """Raises naming the argument unless embeddings is (N >= 2, D) float and labels (N,) integer, one device."""
+    _float_check(embeddings, "embeddings", op)
+    if embeddings.dim() != 2:
+        raise ValueError(f"{op}: embeddings must have shape (N, D), got {list(embeddings.shape)}")
+    if embeddings.shape[0] < 2:
+        raise ValueError(f"{op}: needs at least 2 embeddings to form a pair, got {embeddings.shape[0]}")
+    if not isinstance(labels, Tensor) or labels.shape != embeddings.shape[:1]:
+        shape = list(getattr(labels, "shape", []))
+        raise ValueError(f"{op}: labels has shape {shape}, expected [{embeddings.shape[0]}] (one label per embedding)")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{op}: labels has dtype {labels.dtype}, expected an integer dtype")
+    if labels.device != embeddings.device:
+        raise RuntimeError(f"{op}: labels is on {labels.device} but embeddings is on {embeddings.device}")
+
+
+def _pair_loss(sq: Tensor, same: Tensor, margin: float, eps: float) -> Tensor:
+    """L = same * d^2 + (1 - same) * max(0, margin - d)^2 from sq = ||x1 - x2||^2, d = sqrt(sq + eps)."""
+    d2 = sq + eps
+    hinge = torch.relu(margin - d2.sqrt())
+    return same * d2 + (1 - same) * hinge * hinge
+
+
+def pairwise_distance(x1: Tensor, x2: Tensor, eps: float = EPS) -> Tensor:
+    """d_b = sqrt(||x1_b - x2_b||^2 + eps): (B, D), (B, D) -> (B,), computed in float32 for half types."""
+    check_pairs(x1, x2, None, "pairwise_distance")
+    _check_margin_eps(0.0, eps, "pairwise_distance")
+    acc = torch.promote_types(x1.dtype, torch.float32)
+    diff = x1.to(acc) - x2.to(acc)
+    return ((diff * diff).sum(1) + eps).sqrt().to(x1.dtype)
+
+
+def contrastive_loss(
+    x1: Tensor, x2: Tensor, same: Tensor, margin: float = 1.0, reduction: str = "mean", eps: float = EPS
+) -> Tensor:
+    """Contrastive loss of Hadsell, Chopra & LeCun (2006) over B pairs.
+
+    L_b = same_b * d_b^2 + (1 - same_b) * max(0, margin - d_b)^2, d_b = sqrt(||x1_b - x2_b||^2 + eps).
+    same_b = 1 for a pair of the same class (pulled together), 0 for different classes (pushed past the margin).
+    Beware: the widely copied form (1 - y) d^2 + y max(0, m - d)^2 uses y = 1 for DISSIMILAR pairs.
+    x1, x2: (B, D); same: (B,) bool, integer or float. Returns the mean or sum (0-d) or the (B,) losses.
+    """
+    op = "contrastive_loss"
+    check_pairs(x1, x2, same, op)
+    _check_margin_eps(margin, eps, op)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    acc = torch.promote_types(x1.dtype, torch.float32)
+    diff = x1.to(acc) - x2.to(acc)
+    losses = _pair_loss((diff * diff).sum(1), same.to(acc), margin, eps).to(x1.dtype)
+    return losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else losses
+
+
+def contrastive_loss_all_pairs(embeddings: Tensor, labels: Tensor, margin: float = 1.0, eps: float = EPS) -> Tensor:
+    """Mean contrastive loss over all N(N-1)/2 pairs i < j of embeddings (N, D), same = (labels_i == labels_j).
+
+    The reference materialises the N x N distance matrix (squared distances by the matrix-product trick,
+    ||e_i||^2 + ||e_j||^2 - 2 e_i.e_j clamped at 0, as torch.cdist computes them): O(N^2) memory.
+    """
+    op = "contrastive_loss_all_pairs"
+    check_all_pairs(embeddings, labels, op)
+    _check_margin_eps(margin, eps, op)
+    acc = torch.promote_types(embeddings.dtype, torch.float32)
+    e = embeddings.to(acc)
+    norms = (e * e).sum(1)
+    sq = (norms[:, None] + norms[None, :] - 2 * (e @ e.T)).clamp_min(0)
+    same = (labels[:, None] == labels[None, :]).to(acc)
+    n = e.shape[0]
+    upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=e.device), diagonal=1)
+    return _pair_loss(sq[upper], same[upper], margin, eps).mean().to(embeddings.dtype)

@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "simd.h"
 
 namespace fastmeta {
 namespace {
@@ -26,13 +27,6 @@ struct Coef {
   const scalar_t* ptr;  // null for a scalar coefficient
   acc_t value;
 };
-
-// The hot loops are compiled for AVX-512, AVX2 and baseline x86-64; the loader picks one at run time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTMETA_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FASTMETA_SIMD_CLONES
-#endif
 
 template <bool LV, bool DV, typename scalar_t, typename acc_t>
 FASTMETA_SIMD_CLONES void update_span(
