@@ -6,7 +6,11 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -158,19 +162,23 @@ def run_fast_weight_update(
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown table: median time and speed-up of fastmeta over each other method."""
-    lines = [
-        "| workload | mode | method | median | fastmeta speed-up |",
-        "|---|---|---|---:|---:|",
-    ]
-    groups: dict[tuple[str, str], dict[str, float]] = {}
+    """Markdown table: median time, speed-up of fastmeta over each other method, and peak memory where measured."""
+    memory = any("peak_bytes" in r for r in rows)
+    head = "| workload | mode | method | median | fastmeta speed-up |" + (
+        " peak memory over inputs |" if memory else ""
+    )
+    lines = [head, "|---|---|---|---:|---:|" + ("---:|" if memory else "")]
+    groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["workload"], r["mode"]), {})[r["method"]] = r["seconds"]
-    for (workload, mode), times in groups.items():
-        ours = times.get("fastmeta")
-        for name, t in times.items():
-            ratio = f"{t / ours:.2f}x" if ours and name != "fastmeta" else ""
-            lines.append(f"| {workload} | {mode} | {name} | {_fmt(t)} | {ratio} |")
+        groups.setdefault((r["workload"], r["mode"]), []).append(r)
+    for (workload, mode), group in groups.items():
+        ours = next((r["seconds"] for r in group if r["method"] == "fastmeta"), None)
+        for r in group:
+            ratio = f"{r['seconds'] / ours:.2f}x" if ours and r["method"] != "fastmeta" else ""
+            line = f"| {workload} | {mode} | {r['method']} | {_fmt(r['seconds'])} | {ratio} |"
+            if memory:
+                line += f" {r['peak_bytes'] / 2**20:.0f} MiB |" if "peak_bytes" in r else " |"
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -190,3 +198,109 @@ def copy_bandwidth(numel: int, device: str) -> float:
     b = torch.empty_like(a)
     t = statistics.median(measure(lambda: b.copy_(a), device))
     return 2 * a.numel() * a.element_size() / t
+
+
+# ---------------------------------------------------------------------------------------------- contrastive
+
+PAIR_BATCH, EMBED_DIM = 65536, 128
+ALL_PAIRS_SIZES = (4096, 8192)
+
+
+def _pair_inputs(B: int, D: int, device: str) -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(B, D, generator=g).to(device).requires_grad_()
+    x2 = torch.randn(B, D, generator=g).to(device).requires_grad_()
+    return x1, x2, (torch.rand(B, generator=g) < 0.5).to(device)
+
+
+def contrastive_methods(device: str, B: int = PAIR_BATCH, D: int = EMBED_DIM) -> dict[str, Callable[[], None]]:
+    """Forward+backward of the mean pair-mode contrastive loss: fastmeta, the eager reference, and
+    torch.compile of the reference (the strongest alternative a user has; compiled before timing)."""
+    x1, x2, same = _pair_inputs(B, D, device)
+    compiled = torch.compile(reference.contrastive_loss)
+
+    def step(loss_fn: Callable) -> Callable[[], None]:
+        def run() -> None:
+            torch.autograd.grad(loss_fn(x1, x2, same, 1.0), (x1, x2))
+
+        return run
+
+    return {
+        "fastmeta": step(ops.contrastive_loss),
+        "reference": step(reference.contrastive_loss),
+        "torch.compile(reference)": step(compiled),
+    }
+
+
+def all_pairs_step(method: str, N: int, D: int, device: str) -> Callable[[], None]:
+    """Forward+backward of the all-pairs contrastive loss of N embeddings by `method` (fastmeta or reference)."""
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(N, D, generator=g).to(device).requires_grad_()
+    labels = torch.randint(0, max(2, N // 16), (N,), generator=g).to(device)
+    fn = {"fastmeta": ops.contrastive_loss_all_pairs, "reference": reference.contrastive_loss_all_pairs}[method]
+    return lambda: torch.autograd.grad(fn(e, labels, 1.0), e)
+
+
+def peak_memory(method: str, N: int, D: int, device: str) -> int:
+    """Peak memory (bytes) of one all-pairs forward+backward over what its inputs already hold.
+
+    CUDA: the caching allocator's peak. CPU: the peak resident set of a fresh process, over its resident set
+    just before the step (a subprocess, so that earlier work does not hide the peak)."""
+    if device.startswith("cuda"):
+        step = all_pairs_step(method, N, D, device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device) - base
+    code = (
+        "import resource\n"
+        "from fastmeta import bench\n"
+        f"step = bench.all_pairs_step({method!r}, {N}, {D}, 'cpu')\n"
+        "base = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()\n"
+        "step()\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)\n"
+    )
+    # The child imports this very fastmeta (not a source folder that happens to be its working directory).
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": pkg_parent}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=tempfile.gettempdir()
+    )
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def run_contrastive(
+    device: str = "cpu",
+    min_time: float = 0.6,
+    rounds: int = 3,
+    memory: bool = True,
+    pair_batch: int = PAIR_BATCH,
+    all_pairs_sizes: tuple[int, ...] = ALL_PAIRS_SIZES,
+) -> list[dict]:
+    """Pair mode (B pairs) and all pairs (N embeddings), D=128, forward+backward: time and peak memory."""
+    rows = []
+    calls = contrastive_methods(device, pair_batch)
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            samples[name] += measure(call, device, min_time / rounds, max_reps=200)
+    label = f"pair mode B={pair_batch} D={EMBED_DIM}"
+    for name, times in samples.items():
+        rows.append(
+            {"workload": label, "mode": "forward+backward", "method": name, "seconds": statistics.median(times)}
+        )
+    for N in all_pairs_sizes:
+        for method in ("fastmeta", "reference"):
+            times = measure(all_pairs_step(method, N, EMBED_DIM, device), device, min_time, max_reps=20)
+            row = {
+                "workload": f"all pairs N={N} D={EMBED_DIM}",
+                "mode": "forward+backward",
+                "method": method,
+                "seconds": statistics.median(times),
+            }
+            if memory:
+                row["peak_bytes"] = peak_memory(method, N, EMBED_DIM, device)
+            rows.append(row)
+    return rows

@@ -32,14 +32,24 @@ def _bench(args: argparse.Namespace) -> int:
             "glibc keeps freed memory in this process (see fastmeta.bench.keep_freed_memory):",
             bench.keep_freed_memory(),
         )
+    rows: list[dict] = []
     workloads = [w for w in bench.WORKLOADS if args.workload in (None, w.name)]
-    rows = bench.run_fast_weight_update(args.device, workloads, min_time=args.min_time, rounds=args.rounds)
-    print("\nfast_weight_update (median per call; speed-up = other method's time / fastmeta's)\n")
-    print(bench.format_table(rows))
+    if args.op in ("all", "fast_weight_update"):
+        rows = bench.run_fast_weight_update(args.device, workloads, min_time=args.min_time, rounds=args.rounds)
+        print("\nfast_weight_update (median per call; speed-up = other method's time / fastmeta's)\n")
+        print(bench.format_table(rows))
+    if args.op in ("all", "contrastive"):
+        sizes = tuple(int(n) for n in args.all_pairs_sizes.split(",") if n)
+        more = bench.run_contrastive(
+            args.device, args.min_time, args.rounds, pair_batch=args.pair_batch, all_pairs_sizes=sizes
+        )
+        print("\ncontrastive loss, forward+backward (median; peak memory over the inputs)\n")
+        print(bench.format_table(more))
+        rows += more
     if args.device.startswith("cuda"):
         print("\nforward bandwidth (bytes read and written at least / median time) against a same-sized copy:\n")
         print("| workload | fastmeta | copy | fastmeta / copy |\n|---|---:|---:|---:|")
-        for w in workloads:
+        for w in workloads if args.op in ("all", "fast_weight_update") else []:
             t = next(
                 r["seconds"]
                 for r in rows
@@ -59,7 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="time the kernels against the reference and the usual alternatives")
     b.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    b.add_argument("--workload", choices=["conv4", "mlp"], default=None, help="only this workload")
+    b.add_argument("--op", choices=["all", "fast_weight_update", "contrastive"], default="all", help="which ops")
+    b.add_argument("--workload", choices=["conv4", "mlp"], default=None, help="only this fast_weight_update workload")
+    b.add_argument("--pair-batch", type=int, default=65536, help="contrastive pair mode: pairs per batch")
+    b.add_argument(
+        "--all-pairs-sizes",
+        default="4096,8192",
+        help="contrastive all-pairs mode: comma-separated N (default 4096,8192)",
+    )
     b.add_argument("--min-time", type=float, default=0.6, help="seconds to time each measurement (default 0.6)")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement (default 3)")
     b.add_argument(
