@@ -118,18 +118,26 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def measure(fn: Callable[[], object], device: str, min_time: float = 0.3, max_reps: int = 2000) -> list[float]:
-    """Seconds per call of fn, warm, for at least min_time in all (CUDA synchronised around each call)."""
+def measure(
+    fn: Callable[[], object],
+    device: str,
+    min_time: float = 0.3,
+    max_reps: int = 2000,
+    min_reps: int = 20,
+    warmup: int = 5,
+) -> list[float]:
+    """Seconds per call of fn, warm: at least min_reps calls and min_time seconds, at most max_reps calls
+    (CUDA synchronised around each call)."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     warm_until = time.perf_counter() + min(0.1, min_time / 3)  # thread pool, caches and allocator reach steady state
     for i in range(max_reps):
         fn()
-        if i >= 4 and time.perf_counter() > warm_until:
+        if i + 1 >= warmup and time.perf_counter() > warm_until:
             break
     sync()
     times: list[float] = []
     start = time.perf_counter()
-    while len(times) < max_reps and (time.perf_counter() - start < min_time or len(times) < 20):
+    while len(times) < max_reps and (time.perf_counter() - start < min_time or len(times) < min_reps):
         t0 = time.perf_counter()
         fn()
         sync()
@@ -285,7 +293,7 @@ def run_contrastive(
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
-            samples[name] += measure(call, device, min_time / rounds, max_reps=200)
+            samples[name] += measure(call, device, min_time / rounds, max_reps=200, min_reps=5, warmup=2)
     label = f"pair mode B={pair_batch} D={EMBED_DIM}"
     for name, times in samples.items():
         rows.append(
@@ -293,7 +301,8 @@ def run_contrastive(
         )
     for N in all_pairs_sizes:
         for method in ("fastmeta", "reference"):
-            times = measure(all_pairs_step(method, N, EMBED_DIM, device), device, min_time, max_reps=20)
+            step = all_pairs_step(method, N, EMBED_DIM, device)
+            times = measure(step, device, min_time, max_reps=10, min_reps=3, warmup=1)
             row = {
                 "workload": f"all pairs N={N} D={EMBED_DIM}",
                 "mode": "forward+backward",

@@ -188,10 +188,14 @@ def check_all_pairs(embeddings: Tensor, labels: Tensor, op: str = "contrastive_l
 
 
 def _pair_loss(sq: Tensor, same: Tensor, margin: float, eps: float) -> Tensor:
-    """L = same * d^2 + (1 - same) * max(0, margin - d)^2 from sq = ||x1 - x2||^2, d = sqrt(sq + eps)."""
+    """L = same * d^2 + (1 - same) * max(0, margin - d)^2 from sq = ||x1 - x2||^2, d = sqrt(sq + eps).
+
+    The hinge term is taken only where same < 1, so that same pairs at distance 0 have a finite gradient
+    even with eps = 0."""
     d2 = sq + eps
-    hinge = torch.relu(margin - d2.sqrt())
-    return same * d2 + (1 - same) * hinge * hinge
+    dissimilar = same < 1
+    hinge = torch.relu(margin - torch.where(dissimilar, d2, 1.0).sqrt())
+    return same * d2 + torch.where(dissimilar, (1 - same) * hinge * hinge, 0.0)
 
 
 def pairwise_distance(x1: Tensor, x2: Tensor, eps: float = EPS) -> Tensor:

@@ -237,3 +237,12 @@ def test_bad_input(impl):
     for exc, pattern, call in cases:
         with pytest.raises(exc, match=pattern):
             call()
+
+
+def test_same_pairs_at_distance_zero_have_finite_gradient_without_eps(device):
+    x = torch.randn(4, 3, dtype=torch.float64, device=device)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    same = torch.ones(4, device=device)
+    for impl in (ops, reference):
+        g1, g2 = torch.autograd.grad(impl.contrastive_loss(x1, x2, same, 1.0, "sum", eps=0.0), (x1, x2))
+        assert_close(g1, torch.zeros_like(g1)) and assert_close(g2, torch.zeros_like(g2))

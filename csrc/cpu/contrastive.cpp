@@ -136,7 +136,7 @@ std::tuple<Tensor, Tensor> contrastive_loss_backward_cpu(
         const acc_t d = std::sqrt(squared_distance<scalar_t, acc_t>(a + r * D, b + r * D, D) + e);
         const acc_t sr = static_cast<acc_t>(s[r]);
         // dL/d(sq) = same - (1 - same) * max(0, m - d) / d; d >= sqrt(eps) keeps it finite for eps > 0.
-        const acc_t c = sr - (acc_t(1) - sr) * hinge(m, d) / d;
+        const acc_t c = sr - (sr == acc_t(1) ? acc_t(0) : (acc_t(1) - sr) * hinge(m, d) / d);
         scaled_difference<scalar_t, acc_t>(o1 + r * D, o2 + r * D, a + r * D, b + r * D, acc_t(2) * static_cast<acc_t>(g[r]) * c, D);
       }
     });
@@ -170,28 +170,69 @@ void for_each_tile_pair(int64_t N, F&& f) {
     for (int64_t j0 = i0; j0 < N; j0 += kTile) f(i0, std::min(kTile, N - i0), j0, std::min(kTile, N - j0), i0 == j0);
 }
 
-// The loss term of one pair from its squared distance by the matrix-product trick (clamped at 0).
+// Row kernels of the all-pairs tiles, branch-free so that they vectorize (selects, not branches; NaN kept by
+// `x > 0 || x != x`). Pairs (i, j) for j in a tile row: g = e_i.e_j, nj = ||e_j||^2, same = labels_i == labels_j.
+
+// same[c] = 1 where yj[c] == yi, else 0
 template <typename acc_t>
-struct PairTerm {
-  acc_t margin, eps;
-  // loss L and dL/d(sq) for a pair with squared distance sq (>= 0) of the same class or not
-  inline acc_t loss(acc_t sq, bool same) const {
-    sq += eps;
-    if (same) return sq;
-    const acc_t h = hinge(margin, std::sqrt(sq));
-    return h * h;
-  }
-  inline acc_t dloss(acc_t sq, bool same) const {
-    if (same) return acc_t(1);
-    const acc_t d = std::sqrt(sq + eps);
-    return -hinge(margin, d) / d;
-  }
-};
+FASTMETA_SIMD_CLONES void same_mask(acc_t* __restrict__ same, const int64_t* __restrict__ yj, int64_t yi, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) same[c] = yj[c] == yi ? acc_t(1) : acc_t(0);
+}
+
+// sq = max(0, ni + nj - 2 g) + eps, the squared distance by the matrix-product trick (plus eps)
+template <typename acc_t>
+inline acc_t pair_sq(acc_t ni, acc_t nj, acc_t g, acc_t eps) {
+  const acc_t sq = ni + nj - acc_t(2) * g;
+  return (sq > acc_t(0) || sq != sq ? sq : acc_t(0)) + eps;
+}
 
 template <typename acc_t>
-inline acc_t clamped_sq(acc_t ni, acc_t nj, acc_t g) {
-  const acc_t sq = ni + nj - acc_t(2) * g;
-  return sq > acc_t(0) || std::isnan(sq) ? sq : acc_t(0);
+inline acc_t pair_hinge(acc_t margin, acc_t d) {
+  const acc_t h = margin - d;
+  return h > acc_t(0) || h != h ? h : acc_t(0);
+}
+
+// sum over the row of L = same * d^2 + (1 - same) * max(0, m - d)^2, in 16 lanes
+template <typename acc_t>
+FASTMETA_SIMD_CLONES acc_t row_loss_sum(
+    const acc_t* __restrict__ g, const acc_t* __restrict__ nj, const acc_t* __restrict__ same, acc_t ni,
+    acc_t margin, acc_t eps, int64_t n) {
+  constexpr int kLanes = 16;
+  acc_t lane[kLanes] = {};
+  int64_t c = 0;
+  auto term = [&](int64_t k) {
+    const acc_t sq = pair_sq(ni, nj[k], g[k], eps);
+    const acc_t h = pair_hinge(margin, std::sqrt(sq));
+    return same[k] * sq + (acc_t(1) - same[k]) * h * h;
+  };
+  for (; c + kLanes <= n; c += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane[j] += term(c + j);
+  for (; c < n; ++c) lane[0] += term(c);
+  acc_t s = 0;
+  for (int j = 0; j < kLanes; ++j) s += lane[j];
+  return s;
+}
+
+// g[c] <- scale * dL/d(sq) = scale * (same - (1 - same) * max(0, m - d) / d), in place; returns the row sum
+template <typename acc_t>
+FASTMETA_SIMD_CLONES acc_t row_coefficients(
+    acc_t* __restrict__ g, const acc_t* __restrict__ nj, const acc_t* __restrict__ same, acc_t ni, acc_t margin,
+    acc_t eps, acc_t scale, int64_t n) {
+  constexpr int kLanes = 16;
+  acc_t lane[kLanes] = {};
+  int64_t c = 0;
+  auto coef = [&](int64_t k) {
+    const acc_t d = std::sqrt(pair_sq(ni, nj[k], g[k], eps));
+    const acc_t v = scale * (same[k] - (acc_t(1) - same[k]) * pair_hinge(margin, d) / d);
+    g[k] = v;
+    return v;
+  };
+  for (; c + kLanes <= n; c += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane[j] += coef(c + j);
+  for (; c < n; ++c) lane[0] += coef(c);
+  acc_t s = 0;
+  for (int j = 0; j < kLanes; ++j) s += lane[j];
+  return s;
 }
 
 Tensor contrastive_loss_all_pairs_cpu(const Tensor& embeddings, const Tensor& labels_, double margin, double eps) {
@@ -202,7 +243,7 @@ Tensor contrastive_loss_all_pairs_cpu(const Tensor& embeddings, const Tensor& la
   Tensor out = at::empty({}, e.options());
   AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "contrastive_loss_all_pairs_cpu", [&] {
     using acc_t = scalar_t;
-    const PairTerm<acc_t> term{static_cast<acc_t>(margin), static_cast<acc_t>(eps)};
+    const acc_t m = static_cast<acc_t>(margin), eps_ = static_cast<acc_t>(eps);
     const acc_t* n = norms.const_data_ptr<acc_t>();
     const int64_t* y = labels.const_data_ptr<int64_t>();
     double total = 0;  // tile sums added in a fixed order: deterministic
@@ -211,14 +252,11 @@ Tensor contrastive_loss_all_pairs_cpu(const Tensor& embeddings, const Tensor& la
       const Tensor g = at::mm(e.narrow(0, i0, ni), e.narrow(0, j0, nj).t());  // (ni, nj) dot products
       const acc_t* gp = g.const_data_ptr<acc_t>();
       at::parallel_for(0, ni, row_grain(nj), [&](int64_t r0, int64_t r1) {
+        std::vector<acc_t> same(nj);
         for (int64_t r = r0; r < r1; ++r) {
-          const int64_t i = i0 + r;
-          acc_t s = 0;
-          for (int64_t c = diagonal ? r + 1 : 0; c < nj; ++c) {
-            const int64_t j = j0 + c;
-            s += term.loss(clamped_sq(n[i], n[j], gp[r * nj + c]), y[i] == y[j]);
-          }
-          row_sums[r] = s;
+          const int64_t i = i0 + r, c0 = diagonal ? r + 1 : 0;  // diagonal tile: pairs j > i only
+          same_mask(same.data(), y + j0 + c0, y[i], nj - c0);
+          row_sums[r] = row_loss_sum(gp + r * nj + c0, n + j0 + c0, same.data(), n[i], m, eps_, nj - c0);
         }
       });
       for (int64_t r = 0; r < ni; ++r) total += row_sums[r];
@@ -242,7 +280,7 @@ Tensor contrastive_loss_all_pairs_backward_cpu(
   Tensor row_total = at::zeros({N}, e.options());
   AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "contrastive_loss_all_pairs_backward_cpu", [&] {
     using acc_t = scalar_t;
-    const PairTerm<acc_t> term{static_cast<acc_t>(margin), static_cast<acc_t>(eps)};
+    const acc_t m = static_cast<acc_t>(margin), eps_ = static_cast<acc_t>(eps);
     const double pairs = static_cast<double>(N) * static_cast<double>(N - 1) / 2;
     const acc_t scale = static_cast<acc_t>(grad.item<double>() / pairs);
     const acc_t* n = norms.const_data_ptr<acc_t>();
@@ -254,16 +292,15 @@ Tensor contrastive_loss_all_pairs_backward_cpu(
       Tensor c = at::mm(ei, ej.t());  // dot products, overwritten in place by the coefficients
       acc_t* cp = c.data_ptr<acc_t>();
       at::parallel_for(0, ni, row_grain(nj), [&](int64_t r0, int64_t r1) {
+        std::vector<acc_t> same(nj);
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t i = i0 + r;
-          acc_t row = 0;
-          for (int64_t col = 0; col < nj; ++col) {
-            const int64_t j = j0 + col;
-            acc_t& v = cp[r * nj + col];
-            v = diagonal && col == r ? acc_t(0) : scale * term.dloss(clamped_sq(n[i], n[j], v), y[i] == y[j]);
-            row += v;
+          same_mask(same.data(), y + j0, y[i], nj);
+          R[i] += row_coefficients(cp + r * nj, n + j0, same.data(), n[i], m, eps_, scale, nj);
+          if (diagonal) {  // (i, i) is not a pair: drop its coefficient
+            R[i] -= cp[r * nj + r];
+            cp[r * nj + r] = 0;
           }
-          R[i] += row;
         }
       });
       // gE_I -= 2 C E_J; off the diagonal the transposed pairs add gE_J -= 2 C^T E_I and their column sums.

@@ -46,8 +46,9 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxGrid = int64_t(1) << 20;
 // Vectors per thread of a row that the pair backward keeps in registers between its two passes.
 constexpr int kCacheUnits = 4;
-// All-pairs tile: tile x tile pairs per matrix product.
-constexpr int64_t kTile = 4096;
+// All-pairs tile: tile x tile pairs per matrix product (a 16 MiB float32 tile; 2048 x 2048 x D products keep
+// the GPU busy for any but tiny D).
+constexpr int64_t kTile = 2048;
 // Blocks of the all-pairs forward tile kernel: each owns one partial-sum slot.
 constexpr int kReduceBlocks = 1024;
 // Row stride of Eaug (all-pairs backward): D + 1 rounded up to this many elements.
@@ -211,7 +212,7 @@ __global__ void __launch_bounds__(kThreads) pair_backward_kernel(
     if (valid) {
       const acc_t d = dev_sqrt(sq + eps);
       const acc_t s = static_cast<acc_t>(same[row]);
-      const acc_t c = s - (acc_t(1) - s) * hinge(margin, d) / d;
+      const acc_t c = s - (s == acc_t(1) ? acc_t(0) : (acc_t(1) - s) * hinge(margin, d) / d);
       const acc_t coef = acc_t(2) * static_cast<acc_t>(grad[row]) * c;
       VecT* __restrict__ o1 = reinterpret_cast<VecT*>(g1 + row * D);
       VecT* __restrict__ o2 = reinterpret_cast<VecT*>(g2 + row * D);
@@ -512,7 +513,8 @@ void launch_all_pairs_forward(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   const double pairs = static_cast<double>(N) * static_cast<double>(N - 1) / 2;
-  all_pairs_finish_kernel<scalar_t, acc_t><<<1, kThreads, 0, stream>>>(p, kReduceBlocks, pairs, out.data_ptr<scalar_t>());
+  all_pairs_finish_kernel<scalar_t, acc_t>
+      <<<1, kThreads, 0, stream>>>(p, kReduceBlocks, pairs, out.data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -523,9 +525,9 @@ Tensor contrastive_loss_all_pairs_cuda(const Tensor& embeddings_, const Tensor& 
   const c10::cuda::CUDAGuard guard(embeddings_.device());
   const Tensor embeddings = embeddings_.contiguous(), labels = labels_.contiguous();
   Tensor out = at::empty({}, embeddings.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, embeddings.scalar_type(), "contrastive_loss_all_pairs_cuda", [&] {
-    launch_all_pairs_forward<scalar_t>(embeddings, labels, margin, eps, out);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, embeddings.scalar_type(), "contrastive_loss_all_pairs_cuda",
+      [&] { launch_all_pairs_forward<scalar_t>(embeddings, labels, margin, eps, out); });
   return out;
 }
 
