@@ -253,7 +253,8 @@ def peak_memory(method: str, N: int, D: int, device: str) -> int:
     """Peak memory (bytes) of one all-pairs forward+backward over what its inputs already hold.
 
     CUDA: the caching allocator's peak. CPU: the peak resident set of a fresh process, over its resident set
-    just before the step (a subprocess, so that earlier work does not hide the peak)."""
+    just before the step (a subprocess, so that earlier work does not hide the peak), after a small warm-up
+    step so that code and libraries loaded on first use are not counted."""
     if device.startswith("cuda"):
         step = all_pairs_step(method, N, D, device)
         torch.cuda.synchronize()
@@ -265,6 +266,7 @@ def peak_memory(method: str, N: int, D: int, device: str) -> int:
     code = (
         "import resource\n"
         "from fastmeta import bench\n"
+        f"bench.all_pairs_step({method!r}, 64, {D}, 'cpu')()\n"  # loads the code paths: not counted
         f"step = bench.all_pairs_step({method!r}, {N}, {D}, 'cpu')\n"
         "base = int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()\n"
         "step()\n"
