@@ -1,0 +1,34 @@
+"""pytest-benchmark of the contrastive ops: pair mode against the eager and compiled reference, all pairs against
+the reference. Run: pytest benchmarks --benchmark-group-by=group [--device cuda]."""
+
+import pytest
+import torch
+
+from fastmeta import bench
+
+
+@pytest.mark.parametrize("method", ["fastmeta", "reference", "torch.compile(reference)"])
+def test_pair_mode(benchmark, device, method):
+    fn = bench.contrastive_methods(device)[method]
+    fn()  # compile outside the timing
+    benchmark.group = f"contrastive pair mode B={bench.PAIR_BATCH} D={bench.EMBED_DIM} forward+backward"
+    benchmark(_synced(fn, device))
+
+
+@pytest.mark.parametrize("method", ["fastmeta", "reference"])
+@pytest.mark.parametrize("N", [1024, 4096])
+def test_all_pairs(benchmark, device, method, N):
+    fn = bench.all_pairs_step(method, N, bench.EMBED_DIM, device)
+    benchmark.group = f"contrastive all pairs N={N} D={bench.EMBED_DIM} forward+backward"
+    benchmark.pedantic(_synced(fn, device), rounds=5, warmup_rounds=1)
+
+
+def _synced(fn, device):
+    if not device.startswith("cuda"):
+        return fn
+
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    return run
