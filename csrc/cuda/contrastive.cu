@@ -34,6 +34,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "reduce.cuh"
 
 namespace fastmeta {
 namespace {
@@ -54,7 +55,6 @@ constexpr int kReduceBlocks = 1024;
 // Row stride of Eaug (all-pairs backward): D + 1 rounded up to this many elements.
 constexpr int64_t kPadCols = 8;
 
-static_assert(kThreads % 32 == 0 && kThreads / 32 <= 32, "block_sum assumes at most 32 full warps");
 
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Vec {
@@ -71,30 +71,8 @@ __device__ __forceinline__ acc_t hinge(acc_t margin, acc_t d) {
   return (h > acc_t(0) || h != h) ? h : acc_t(0);
 }
 
-// Sum over aligned groups of G lanes (G a power of two <= 32), in every lane of the group. Every lane of the
-// warp must call it with the same G.
-template <typename acc_t>
-__device__ __forceinline__ acc_t group_sum(acc_t v, int G) {
-  for (int o = G >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Sum over the block, valid in thread 0. Fixed order: deterministic. Every thread of the block must call it.
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v) {
-  __shared__ acc_t warp_sums[kThreads / 32];
-  v = group_sum(v, 32);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  __syncthreads();  // warp_sums may still be read by an earlier call
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  v = acc_t(0);
-  if (warp == 0) {
-    v = lane < kThreads / 32 ? warp_sums[lane] : acc_t(0);
-    v = group_sum(v, 32);
-  }
-  return v;
-}
+using cuda::block_sum;
+using cuda::group_sum;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -410,7 +388,7 @@ __global__ void __launch_bounds__(kThreads) all_pairs_forward_tile_kernel(
       sum += pair_loss(clamped_sq(n_i, norms[j], row[b]), y_i == labels[j], margin, eps);
     }
   }
-  sum = block_sum(sum);
+  sum = block_sum<kThreads>(sum);
   if (threadIdx.x == 0) partials[blockIdx.x] += static_cast<double>(sum);
 }
 
@@ -420,7 +398,7 @@ __global__ void __launch_bounds__(kThreads)
     all_pairs_finish_kernel(const double* __restrict__ partials, int count, double pairs, scalar_t* __restrict__ out) {
   double v = 0;
   for (int k = threadIdx.x; k < count; k += kThreads) v += partials[k];
-  v = block_sum(v);
+  v = block_sum<kThreads>(v);
   if (threadIdx.x == 0) *out = static_cast<scalar_t>(static_cast<acc_t>(v / pairs));
 }
 

@@ -25,6 +25,7 @@
 
 #include "../checks.h"
 #include "multi_tensor_apply.cuh"
+#include "reduce.cuh"
 
 namespace fastmeta {
 namespace {
@@ -140,25 +141,7 @@ __device__ __forceinline__ void load_coef(
   to_acc(r, v);
 }
 
-// Sum over the block, valid in thread 0. Fixed order: deterministic. Every thread of the block must call it.
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v) {
-  static_assert(kBlockSize % 32 == 0 && kBlockSize / 32 <= 32, "block_sum assumes at most 32 full warps");
-  __shared__ acc_t warp_sums[kBlockSize / 32];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  __syncthreads();  // warp_sums may still be read by an earlier call
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  v = acc_t(0);
-  if (warp == 0) {
-    v = lane < kBlockSize / 32 ? warp_sums[lane] : acc_t(0);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
-  }
-  return v;
-}
+using cuda::block_sum;
 
 // ------------------------------------------------------------------------------------------------ forward
 
@@ -417,11 +400,11 @@ __device__ __forceinline__ void backward_chunk(
   }
   // Block-uniform conditions: every thread of the block reaches block_sum or none does.
   if (need_l && lm == Bcast::Scalar) {
-    const acc_t v = block_sum(sum_l);
+    const acc_t v = block_sum<kBlockSize>(sum_l);
     if (threadIdx.x == 0) partials[m.slot + static_cast<int64_t>(chunk)] = v;
   }
   if (need_d && dm == Bcast::Scalar) {
-    const acc_t v = block_sum(sum_d);
+    const acc_t v = block_sum<kBlockSize>(sum_d);
     if (threadIdx.x == 0) partials[nslots + m.slot + static_cast<int64_t>(chunk)] = v;
   }
 }
@@ -452,7 +435,7 @@ __global__ void __launch_bounds__(kBlockSize) sum_partials_kernel(const SumTable
   const int64_t first = table.first[blockIdx.x], count = table.count[blockIdx.x];
   acc_t v = acc_t(0);
   for (int64_t k = threadIdx.x; k < count; k += kBlockSize) v += partials[first + k];
-  v = block_sum(v);
+  v = block_sum<kBlockSize>(v);
   if (threadIdx.x == 0) *static_cast<scalar_t*>(table.out[blockIdx.x]) = static_cast<scalar_t>(v);
 }
 
