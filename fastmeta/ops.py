@@ -3,6 +3,7 @@ fake, vmap and functorch registrations that make them work under torch.compile a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -57,7 +58,8 @@ def fast_weight_update(
     functorch = torch._C._are_functorch_transforms_active()
     if not functorch and not torch.compiler.is_compiling():
         # Fast path: numbers, or tensors already in a form the kernel takes ([], S_i or (T, *S_i)), checked in C++.
-        lr_args, decay_args = _direct_coefs(lr, 0.0), _direct_coefs(decay, 1.0)
+        lr_args = _direct_coefs(lr)
+        decay_args = ([], 1.0) if decay is None else _direct_coefs(decay)
         if lr_args is not None and decay_args is not None:
             try:
                 out = _kernels.call_fast_weight_update(
@@ -77,10 +79,8 @@ def fast_weight_update(
     return torch.ops.fastmeta.fast_weight_update(params, grads, lrs, decays, lr_s, decay_s)
 
 
-def _direct_coefs(value: Coef | None, default: float) -> tuple[Sequence[Tensor], float] | None:
+def _direct_coefs(value: Coef | None) -> tuple[Sequence[Tensor], float] | None:
     """(tensors, scalar) for the direct kernel call, or None where `value` needs the general path."""
-    if value is None:
-        return ([], 1.0) if default == 1.0 else None
     if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)):
         return [], float(value)
     if isinstance(value, (list, tuple)):
@@ -94,8 +94,6 @@ _warned_devices: set[str] = set()
 def _warn_no_kernel(device: torch.device) -> None:
     if device.type not in _warned_devices:
         _warned_devices.add(device.type)
-        import warnings
-
         warnings.warn(
             f"fastmeta was built without kernels for {device.type}; using the pure-PyTorch reference there",
             RuntimeWarning,
