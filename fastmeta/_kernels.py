@@ -30,17 +30,45 @@ def _load() -> tuple[str | None, bool]:
             f"{torch.__version__} is installed; {REBUILD}"
         ), False
     try:
-        from fastmeta import _C
+        _C = _import_C()
     except (ImportError, OSError) as e:
-        here = os.path.dirname(os.path.abspath(__file__))
-        if not any(name.startswith("_C.") for name in os.listdir(here)):
-            return (
-                f"fastmeta was imported from {here}, which holds no built kernels (a source folder on sys.path, "
-                "e.g. through `python -m` run there?); run from another folder so that the installed package is "
-                "imported, or build in place with `python setup.py build_ext --inplace`"
-            ), False
-        return f"fastmeta's kernels failed to load ({e}); {REBUILD}", False
+        message = str(e)
+        return (
+            message if message.startswith(_NOT_BUILT) else f"fastmeta's kernels failed to load ({e}); {REBUILD}"
+        ), False
     return None, bool(_C.with_cuda)
+
+
+_NOT_BUILT = "fastmeta was imported from"
+
+
+def _import_C():  # noqa: N802, ANN202
+    """fastmeta._C, from this package or, for a source folder that was installed but not built in place (say
+    `python -m fastmeta` run in it after `pip install .`), from the installed copy of the same build."""
+    try:
+        from fastmeta import _C
+
+        return _C
+    except ImportError:
+        here = os.path.dirname(os.path.abspath(__file__))
+        if any(name.startswith("_C.") for name in os.listdir(here)):
+            raise
+        import importlib.metadata
+        import importlib.util
+        import sys
+
+        files = [f for dist in importlib.metadata.distributions(name="fastmeta") for f in dist.files or []]
+        for f in files:
+            if f.parent.name == "fastmeta" and f.name.startswith("_C.") and f.name.endswith((".so", ".pyd")):
+                spec = importlib.util.spec_from_file_location("fastmeta._C", str(f.locate()))
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                sys.modules["fastmeta._C"] = module
+                return module
+        raise ImportError(
+            f"{_NOT_BUILT} {here}, which holds no built kernels, and no installed build was found; "
+            "build in place with `python setup.py build_ext --inplace`, or install with `pip install .`"
+        ) from None
 
 
 ERROR, WITH_CUDA = _load()
