@@ -287,8 +287,7 @@ def contrastive_loss(
         return reference.contrastive_loss(x1, x2, same, margin, reduction, eps)
     op = "contrastive_loss"
     reference.check_pairs(x1, x2, same, op)
-    if reduction not in reference.REDUCTIONS:
-        raise ValueError(f"{op}: reduction must be one of {reference.REDUCTIONS}, got {reduction!r}")
+    reference.check_reduction(reduction, op)
     losses = torch.ops.fastmeta.contrastive_loss(x1, x2, same.to(x1.dtype), float(margin), float(eps))
     if reduction == "none":
         return losses

@@ -152,6 +152,12 @@ def _check_margin_eps(margin: float, eps: float, op: str) -> None:
         raise ValueError(f"{op}: eps must be >= 0, got {eps}")
 
 
+def check_reduction(reduction: str, op: str) -> None:
+    """Raises ValueError unless reduction is "mean", "sum" or "none"."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
 def check_pairs(x1: Tensor, x2: Tensor, same: Tensor | None, op: str) -> None:
     """Raises naming the argument unless x1, x2 are (B, D) of one float dtype and device and same is (B,)."""
     _float_check(x1, "x1", op)
@@ -220,8 +226,7 @@ def contrastive_loss(
     op = "contrastive_loss"
     check_pairs(x1, x2, same, op)
     _check_margin_eps(margin, eps, op)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_reduction(reduction, op)
     acc = torch.promote_types(x1.dtype, torch.float32)
     diff = x1.to(acc) - x2.to(acc)
     losses = _pair_loss((diff * diff).sum(1), same.to(acc), margin, eps).to(x1.dtype)
