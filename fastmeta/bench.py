@@ -149,7 +149,7 @@ def run_fast_weight_update(
     device: str = "cpu", workloads: list[Workload] | None = None, min_time: float = 0.3, rounds: int = 3
 ) -> list[dict]:
     """Times every method on every workload, forward alone and forward+backward: one row per measurement, the
-    median over `rounds` interleaved rounds (methods take turns, so a slow spell of a noisy machine hits all)."""
+    median over `rounds` interleaved rounds (see interleaved_medians)."""
     rows = []
     for w in workloads or WORKLOADS:
         for mode in ("forward", "forward+backward"):
@@ -158,15 +158,33 @@ def run_fast_weight_update(
                 name: fn if mode == "forward" else with_backward(fn, x["grad_outs"])
                 for name, fn in methods(w, x).items()
             }
-            samples: dict[str, list[float]] = {name: [] for name in calls}
-            for _ in range(rounds):
-                for name, call in calls.items():
-                    samples[name] += measure(call, device, min_time / rounds)
-                    for t in x["params"] + x["grads"] + (x["lr"] if isinstance(x["lr"], list) else []):
-                        t.grad = None
-            for name, times in samples.items():
-                rows.append({"workload": w.label, "mode": mode, "method": name, "seconds": statistics.median(times)})
+            leaves = x["params"] + x["grads"] + (x["lr"] if isinstance(x["lr"], list) else [])
+
+            def clear_grads(leaves: list[Tensor] = leaves) -> None:
+                for t in leaves:
+                    t.grad = None
+
+            for name, seconds in interleaved_medians(calls, device, min_time, rounds, clear_grads).items():
+                rows.append({"workload": w.label, "mode": mode, "method": name, "seconds": seconds})
     return rows
+
+
+def interleaved_medians(
+    calls: dict[str, Callable[[], object]],
+    device: str,
+    min_time: float,
+    rounds: int,
+    after: Callable[[], None] = lambda: None,
+    **measure_args: int,
+) -> dict[str, float]:
+    """Median seconds per call of each of `calls`, measured in `rounds` interleaved rounds (methods take turns,
+    so that a slow spell of a noisy machine hits all of them); `after` runs after each measurement."""
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            samples[name] += measure(call, device, min_time / rounds, **measure_args)
+            after()
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def format_table(rows: list[dict]) -> str:
@@ -300,15 +318,10 @@ def run_contrastive(
     """Pair mode (B pairs) and all pairs (N embeddings), D=128, forward+backward: time and peak memory."""
     rows = []
     calls = contrastive_methods(device, pair_batch)
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            samples[name] += measure(call, device, min_time / rounds, max_reps=200, min_reps=5, warmup=2)
+    medians = interleaved_medians(calls, device, min_time, rounds, max_reps=200, min_reps=5, warmup=2)
     label = f"pair mode B={pair_batch} D={EMBED_DIM}"
-    for name, times in samples.items():
-        rows.append(
-            {"workload": label, "mode": "forward+backward", "method": name, "seconds": statistics.median(times)}
-        )
+    for name, seconds in medians.items():
+        rows.append({"workload": label, "mode": "forward+backward", "method": name, "seconds": seconds})
     for N in all_pairs_sizes:
         for method in ("fastmeta", "reference") if N <= REFERENCE_MAX_N else ("fastmeta",):
             step = all_pairs_step(method, N, EMBED_DIM, device)
