@@ -4,9 +4,25 @@ from fastmeta import ops, reference
 from fastmeta._kernels import AVAILABLE as _AVAILABLE
 from fastmeta._kernels import ERROR as _ERROR
 from fastmeta._kernels import WITH_CUDA as _WITH_CUDA
+from fastmeta.algorithms import LSLR, AdaptedModel, InnerLR, MAMLOutput, MetaSGDLR, adapt, maml_step, msl_weights
+from fastmeta.data import TaskBatch
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "kernels_available", "kernels_info"]
+__all__ = [
+    "ops",
+    "reference",
+    "kernels_available",
+    "kernels_info",
+    "TaskBatch",
+    "maml_step",
+    "adapt",
+    "MAMLOutput",
+    "AdaptedModel",
+    "InnerLR",
+    "MetaSGDLR",
+    "LSLR",
+    "msl_weights",
+]
 
 
 def kernels_available(device: str = "cpu") -> bool:

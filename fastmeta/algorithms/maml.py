@@ -1,0 +1,378 @@
+"""MAML and its family over a whole batch of tasks: second and first order (FOMAML), any number of inner
+steps, learned inner learning rates (Meta-SGD, MAML++ LSLR), MAML++'s multi-step loss and ANIL.
+
+    out = fastmeta.maml_step(model, batch, inner_lr=0.4, inner_steps=1)
+    out.loss.backward()   # meta-gradient into model.parameters() (and a learned inner_lr module)
+
+Every inner step adapts all T tasks at once: one forward of the support sets through `model` with per-task
+weights (see `fastmeta.algorithms._batched`), one autograd.grad for all tasks, and one
+`fastmeta.ops.fast_weight_update` for every adapted tensor of every task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastmeta import ops
+from fastmeta.algorithms._batched import BatchedModel, LoopModel, VmapModel, runner
+from fastmeta.data import TaskBatch
+
+__all__ = ["maml_step", "adapt", "MAMLOutput", "AdaptedModel", "InnerLR", "MetaSGDLR", "LSLR", "msl_weights"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Runner = BatchedModel | LoopModel | VmapModel
+
+# Losses that take reduction="none": computed once over all T*N examples, then averaged per task.
+_FLAT_LOSSES = {
+    F.cross_entropy,
+    F.nll_loss,
+    F.mse_loss,
+    F.l1_loss,
+    F.smooth_l1_loss,
+    F.huber_loss,
+    F.binary_cross_entropy_with_logits,
+}
+
+
+class InnerLR(nn.Module):
+    """Learned inner-loop learning rates for the parameters named in `names` (train them with the meta-optimiser)."""
+
+    names: list[str]
+
+    def forward(self, step: int) -> list[Tensor]:
+        """The learning rate of each parameter in `names` at inner step `step` (0-based)."""
+        raise NotImplementedError
+
+
+class MetaSGDLR(InnerLR):
+    """Meta-SGD (Li et al. 2017): one learned learning rate per element of each adapted parameter.
+
+    Args:
+        model: the model whose parameters adapt.
+        init: the initial learning rate of every element.
+        params: which parameters adapt (names or module prefixes, as `adapt_params`); None: all that require grad.
+    """
+
+    def __init__(self, model: nn.Module, init: float = 0.01, params: Iterable[str] | None = None) -> None:
+        super().__init__()
+        self.names = adapted_names(model, params)
+        shapes = dict(model.named_parameters())
+        self.lrs = nn.ParameterList([nn.Parameter(torch.full_like(shapes[n].detach(), init)) for n in self.names])
+
+    def forward(self, step: int) -> list[Tensor]:
+        return list(self.lrs)
+
+
+class LSLR(InnerLR):
+    """MAML++ learned per-layer per-step learning rates (Antoniou et al. 2019): one scalar per adapted parameter
+    tensor and inner step, `lrs` of shape (inner_steps, len(names)). Steps past `inner_steps` (a longer
+    adaptation at meta-test) use the last step's rates."""
+
+    def __init__(
+        self, model: nn.Module, inner_steps: int, init: float = 0.4, params: Iterable[str] | None = None
+    ) -> None:
+        super().__init__()
+        _check_int("inner_steps", inner_steps, 1)
+        self.names = adapted_names(model, params)
+        ref = next(model.parameters())
+        self.lrs = nn.Parameter(
+            torch.full((inner_steps, len(self.names)), float(init), dtype=ref.dtype, device=ref.device)
+        )
+
+    def forward(self, step: int) -> list[Tensor]:
+        return list(self.lrs[min(step, self.lrs.shape[0] - 1)].unbind(0))
+
+
+def msl_weights(inner_steps: int, epoch: int, anneal_epochs: int = 15) -> Tensor:
+    """MAML++ multi-step loss weights for `epoch`: uniform (1/S each) at epoch 0; the weights of the steps
+    before the last shrink linearly to 0.03/S over `anneal_epochs` epochs while the last one grows. (S,)."""
+    _check_int("inner_steps", inner_steps, 1)
+    S = inner_steps
+    decay = epoch / S / max(anneal_epochs, 1)
+    floor = 0.03 / S
+    w = torch.full((S,), 1.0 / S, dtype=torch.float64)
+    w[:-1] = (w[:-1] - decay).clamp(min=floor)
+    w[-1] = min(1.0 / S + decay * (S - 1), 1.0 - (S - 1) * floor)
+    return w
+
+
+@dataclass
+class MAMLOutput:
+    """What maml_step computed for a batch of T tasks.
+
+    loss: the meta-objective, 0-d, differentiable: the mean over tasks of the query loss after adaptation (with
+        multi_step_weights: sum_s w_s * that mean after step s).
+    task_losses: (T,) each task's query loss after the last inner step (differentiable).
+    accuracy: (T,) each task's query accuracy (classification: predictions (T, N, C), labels (T, N)), else None.
+    support_losses: (T, inner_steps) each task's support loss before each inner step (detached).
+    predictions: (T, Nq, ...) the adapted model's query predictions (detached).
+    fast_weights: name -> (T, *S) each task's adapted weights (differentiable, as in the graph of `loss`).
+    """
+
+    loss: Tensor
+    task_losses: Tensor
+    accuracy: Tensor | None
+    support_losses: Tensor
+    predictions: Tensor
+    fast_weights: dict[str, Tensor]
+
+
+class AdaptedModel:
+    """`model` adapted to T tasks by `adapt`: call it on (T, N, *x) inputs to predict with each task's weights."""
+
+    def __init__(self, run: Runner, params: dict[str, Tensor], fast_weights: dict[str, Tensor], start: int) -> None:
+        self._run = run
+        self._params = params
+        self._start = start
+        self.fast_weights = fast_weights
+        """name -> (T, *S) each task's adapted weights (detached)."""
+
+    @property
+    def num_tasks(self) -> int:
+        return next(iter(self.fast_weights.values())).shape[0] if self.fast_weights else 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """(T, N, *out) predictions for inputs x of shape (T, N, *x), task t with its own fast weights."""
+        if not isinstance(x, Tensor) or x.dim() < 2:
+            raise ValueError(f"AdaptedModel: x must be a (T, N, ...) tensor, got {_describe(x)}")
+        if self.fast_weights and x.shape[0] != self.num_tasks:
+            raise ValueError(f"AdaptedModel: x has {x.shape[0]} tasks but the model was adapted to {self.num_tasks}")
+        with torch.no_grad():
+            p = {**self._params, **self.fast_weights}
+            if self._start:
+                x = self._run(self._params, x, 0, self._start)
+            return _tensor(self._run(p, x, self._start))
+
+
+def maml_step(
+    model: nn.Module,
+    batch: TaskBatch,
+    inner_lr: float | InnerLR = 0.4,
+    inner_steps: int = 1,
+    first_order: bool = False,
+    loss_fn: LossFn = F.cross_entropy,
+    *,
+    adapt_params: Iterable[str] | Callable[[str], bool] | None = None,
+    multi_step_weights: Sequence[float] | Tensor | None = None,
+    strategy: str = "auto",
+) -> MAMLOutput:
+    """One meta-step of MAML over the T tasks of `batch`: adapt to each support set, evaluate on its query set.
+
+    Each task starts from `model`'s parameters and takes `inner_steps` gradient steps on its support loss,
+    fast_weights <- fast_weights - inner_lr * grad; the result's `loss` (the mean query loss after adaptation)
+    backpropagates to `model`'s parameters and to a learned `inner_lr`. The meta-gradient equals that of a
+    per-task loop of autograd.grad(create_graph=True) steps.
+
+    Args:
+        model: the network, called on (N, *x) inputs. Models made of nn.Sequential and standard layers run all
+            tasks batched (see `strategy`); BatchNorm uses each task's own batch statistics (support and query
+            separately, as in Finn et al.'s code) and never updates running statistics.
+        batch: the tasks: support_x (T, Ns, *x), support_y (T, Ns, ...), query_x (T, Nq, *x), query_y.
+        inner_lr: a number, or a learned `InnerLR` module (MetaSGDLR per element, LSLR per layer and step).
+        inner_steps: gradient steps per task (0: evaluate the initial weights).
+        first_order: FOMAML: treat the inner gradients as constants (no second-order terms).
+        loss_fn: loss_fn(predictions (N, ...), targets (N, ...)) -> one task's mean loss (0-d). F.cross_entropy,
+            F.mse_loss and the other torch.nn.functional losses with `reduction` run for all tasks in one call.
+        adapt_params: which parameters adapt in the inner loop (names or module prefixes such as "head", or a
+            predicate on names); the others are shared by all tasks (ANIL: adapt the head only). Default: every
+            parameter that requires grad (or the ones `inner_lr` was built for).
+        multi_step_weights: MAML++ multi-step loss, (inner_steps,) weights of the query loss after each step
+            (see `msl_weights`).
+        strategy: "auto" (batched where the model allows it, else vmap without BatchNorm, else a loop),
+            "batched", "vmap" or "loop".
+    """
+    if not isinstance(batch, TaskBatch):
+        raise TypeError(f"maml_step: batch must be a fastmeta.TaskBatch, got {type(batch).__name__}")
+    _check_int("inner_steps", inner_steps, 0)
+    if multi_step_weights is not None:
+        if inner_steps < 1:
+            raise ValueError("maml_step: multi_step_weights needs inner_steps >= 1")
+        multi_step_weights = torch.as_tensor(multi_step_weights, dtype=torch.float64).flatten()
+        if multi_step_weights.numel() != inner_steps:
+            raise ValueError(
+                f"maml_step: multi_step_weights must have one weight per inner step ({inner_steps}), "
+                f"got {multi_step_weights.numel()}"
+            )
+    run, params, adapted, lr_of = _prepare("maml_step", model, batch.support_x, inner_lr, adapt_params, strategy)
+    start = run.split(set(adapted))
+    T = batch.num_tasks
+    qfeat = run(params, batch.query_x, 0, start) if start else batch.query_x
+
+    def query(fast: list[Tensor]) -> tuple[Tensor, Tensor]:
+        p = {**params, **dict(zip(adapted, fast))}
+        pred = _tensor(run(p, qfeat, start))
+        return pred, task_losses(loss_fn, pred, batch.query_y)
+
+    create_graph = torch.is_grad_enabled() and not first_order
+    fast = [params[n] for n in adapted]
+    support_losses, loss = [], None
+    for s, (fast, losses) in enumerate(
+        _steps(run, params, adapted, batch.support_x, batch.support_y, start, lr_of, inner_steps, loss_fn, create_graph)
+    ):
+        support_losses.append(losses)
+        if multi_step_weights is not None and s < inner_steps - 1 and multi_step_weights[s] != 0:
+            w = float(multi_step_weights[s])
+            loss = w * query(fast)[1].mean() + (0 if loss is None else loss)
+    pred, per_task = query(fast)
+    final = per_task.mean()
+    if multi_step_weights is not None:
+        final = float(multi_step_weights[-1]) * final
+    loss = final if loss is None else loss + final
+    return MAMLOutput(
+        loss=loss,
+        task_losses=per_task,
+        accuracy=_accuracy(pred, batch.query_y),
+        support_losses=torch.stack(support_losses, 1) if support_losses else per_task.new_zeros(T, 0).detach(),
+        predictions=pred.detach(),
+        fast_weights={n: f if f.dim() > params[n].dim() else f.expand(T, *f.shape) for n, f in zip(adapted, fast)},
+    )
+
+
+def adapt(
+    model: nn.Module,
+    support_x: Tensor,
+    support_y: Tensor,
+    inner_lr: float | InnerLR = 0.4,
+    inner_steps: int = 1,
+    loss_fn: LossFn = F.cross_entropy,
+    *,
+    adapt_params: Iterable[str] | Callable[[str], bool] | None = None,
+    strategy: str = "auto",
+) -> AdaptedModel:
+    """Adapt `model` to T tasks (meta-testing): `inner_steps` steps on each support set (T, Ns, *x), (T, Ns, ...).
+
+    Returns an `AdaptedModel` holding each task's fast weights; call it on (T, Nq, *x) queries. No graph to
+    the model's parameters is kept, and the model is not modified. Arguments as in `maml_step`.
+    """
+    TaskBatch(support_x, support_y, support_x, support_y)  # shape checks
+    _check_int("inner_steps", inner_steps, 0)
+    run, params, adapted, lr_of = _prepare("adapt", model, support_x, inner_lr, adapt_params, strategy)
+    with torch.no_grad():
+        params = {n: p.detach() for n, p in params.items()}
+        lr_of_detached = (lambda s: [lr.detach() for lr in lr_of(s)]) if isinstance(inner_lr, InnerLR) else lr_of
+        start = run.split(set(adapted))
+        fast = [params[n] for n in adapted]
+        steps = _steps(run, params, adapted, support_x, support_y, start, lr_of_detached, inner_steps, loss_fn, False)
+        for step_fast, _ in steps:
+            fast = step_fast
+        T = support_x.shape[0]
+        fast_weights = {n: f if f.dim() > params[n].dim() else f.expand(T, *f.shape) for n, f in zip(adapted, fast)}
+    return AdaptedModel(run, params, fast_weights, start)
+
+
+def task_losses(loss_fn: LossFn, pred: Tensor, target: Tensor) -> Tensor:
+    """(T,) loss_fn of each task: predictions (T, N, ...) against targets (T, N, ...)."""
+    T = pred.shape[0]
+    if loss_fn in _FLAT_LOSSES:
+        flat = loss_fn(pred.flatten(0, 1), target.flatten(0, 1), reduction="none")
+        if loss_fn in (F.cross_entropy, F.nll_loss) and not target.is_floating_point():
+            valid = (target != -100).reshape(T, -1).sum(1)  # the default ignore_index leaves the mean
+            return flat.reshape(T, -1).sum(1) / valid
+        return flat.reshape(T, -1).mean(1)
+    losses = [loss_fn(pred[t], target[t]) for t in range(T)]
+    if losses and (not isinstance(losses[0], Tensor) or losses[0].dim() != 0):
+        raise ValueError(f"loss_fn must return one 0-d loss per task, got {_describe(losses[0])}")
+    return torch.stack(losses) if losses else pred.new_zeros(0)
+
+
+def adapted_names(model: nn.Module, adapt_params: Iterable[str] | Callable[[str], bool] | None) -> list[str]:
+    """The names of the parameters of `model` selected by `adapt_params` (names, module prefixes or a predicate;
+    None: all that require grad), in the model's order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    all_names = [n for n, _ in model.named_parameters()]
+    if adapt_params is None:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+    elif callable(adapt_params):
+        names = [n for n in all_names if adapt_params(n)]
+    else:
+        if isinstance(adapt_params, str):
+            adapt_params = [adapt_params]
+        wanted = list(adapt_params)
+        names = [n for n in all_names if any(n == w or n.startswith(w.rstrip(".") + ".") for w in wanted)]
+        unknown = [w for w in wanted if not any(n == w or n.startswith(w.rstrip(".") + ".") for n in all_names)]
+        if unknown:
+            raise ValueError(f"adapt_params: no parameter named or under {unknown}; the model has {all_names}")
+    if not names:
+        raise ValueError(f"adapt_params selects no parameter to adapt; the model has {all_names}")
+    return names
+
+
+def _prepare(
+    fn: str,
+    model: nn.Module,
+    x: Tensor,
+    inner_lr: float | InnerLR,
+    adapt_params: Iterable[str] | Callable[[str], bool] | None,
+    strategy: str,
+) -> tuple[Runner, dict[str, Tensor], list[str], Callable[[int], float | list[Tensor]]]:
+    if isinstance(inner_lr, InnerLR):
+        adapted = adapted_names(model, inner_lr.names if adapt_params is None else adapt_params)
+        if adapted != inner_lr.names:
+            raise ValueError(
+                f"{fn}: inner_lr was built for parameters {inner_lr.names} but adapt_params selects {adapted}"
+            )
+        lr_of: Callable[[int], float | list[Tensor]] = inner_lr
+    elif isinstance(inner_lr, (int, float)) and not isinstance(inner_lr, bool):
+        adapted = adapted_names(model, adapt_params)
+        lr = float(inner_lr)
+        lr_of = lambda s: lr  # noqa: E731
+    else:
+        raise TypeError(f"{fn}: inner_lr must be a number or an InnerLR module, got {type(inner_lr).__name__}")
+    params = dict(model.named_parameters())
+    p0 = params[adapted[0]]
+    if x.device != p0.device:
+        raise ValueError(f"{fn}: the tasks are on {x.device} but the model's parameters are on {p0.device}")
+    return runner(model, strategy), params, adapted, lr_of
+
+
+def _steps(
+    run: Runner,
+    params: dict[str, Tensor],
+    adapted: list[str],
+    x: Tensor,
+    y: Tensor,
+    start: int,
+    lr_of: Callable[[int], float | list[Tensor]],
+    inner_steps: int,
+    loss_fn: LossFn,
+    create_graph: bool,
+) -> Iterator[tuple[list[Tensor], Tensor]]:
+    """Yields (fast weights, (T,) support losses before the step) after each inner step."""
+    T = x.shape[0]
+    feat = run(params, x, 0, start) if start else x
+    fast = [params[n] for n in adapted]
+    for s in range(inner_steps):
+        with torch.enable_grad():
+            inputs = [f if s else f.expand(T, *f.shape) for f in fast]
+            inputs = [i if i.requires_grad else i.detach().requires_grad_() for i in inputs]
+            losses = task_losses(loss_fn, _tensor(run({**params, **dict(zip(adapted, inputs))}, feat, start)), y)
+            grads = torch.autograd.grad(
+                losses.sum(), inputs, create_graph=create_graph, allow_unused=True, materialize_grads=True
+            )
+        fast = ops.fast_weight_update(fast, grads, lr_of(s))
+        yield fast, losses.detach()
+
+
+def _accuracy(pred: Tensor, target: Tensor) -> Tensor | None:
+    if pred.dim() == 3 and target.dim() == 2 and not target.is_floating_point() and not target.is_complex():
+        return (pred.detach().argmax(-1) == target).to(pred.dtype).mean(1)
+    return None
+
+
+def _tensor(x: Tensor | list[Tensor]) -> Tensor:
+    return torch.stack(x) if isinstance(x, list) else x
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _describe(x: object) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
