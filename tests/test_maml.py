@@ -18,15 +18,28 @@ from fastmeta.algorithms import _batched
 D64 = torch.float64
 
 
-def conv4(channels=4, n_way=3, bn=True, in_channels=1):
-    """Conv4 (4 x [conv3x3, BatchNorm, ReLU, maxpool 2]) on 16x16 inputs, with a named head for ANIL."""
+def conv4(channels=4, n_way=3, bn=True, in_channels=1, bn_signs="mixed"):
+    """Conv4 (4 x [conv3x3, BatchNorm, ReLU, maxpool 2]) on 16x16 inputs, with a named head for ANIL.
+
+    bn_signs="mixed": BatchNorm scales of both signs (max-pooling commutes with a negative scale only through
+    the sign trick of _batch_norm_relu_pool); "positive": the default init (ones)."""
     layers = []
     for i in range(4):
         layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1)]
-        layers += [nn.BatchNorm2d(channels, track_running_stats=False)] if bn else []
+        if bn:
+            layers += [nn.BatchNorm2d(channels, track_running_stats=False)]
+            if bn_signs == "mixed":
+                nn.init.uniform_(layers[-1].weight, -1.5, 1.5)
         layers += [nn.ReLU(), nn.MaxPool2d(2)]
     body = nn.Sequential(*layers, nn.Flatten())
     return nn.Sequential(OrderedDict(features=body, head=nn.Linear(channels, n_way))).to(D64)
+
+
+@pytest.fixture(params=["grouped", "per-task"])
+def layout(request, monkeypatch):
+    """Convolutions of all tasks as one grouped convolution, or per task (channels-last on the CPU)."""
+    monkeypatch.setattr(_batched, "GROUPED_MAX_EXAMPLES", 10**9 if request.param == "grouped" else 0)
+    return request.param
 
 
 def mlp(hidden=8):
@@ -115,7 +128,7 @@ MODELS = {
 @pytest.mark.parametrize("steps", [1, 5])
 @pytest.mark.parametrize("first_order", [False, True], ids=["2nd", "1st"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_meta_gradient_matches_loop(name, first_order, steps):
+def test_meta_gradient_matches_loop(name, first_order, steps, layout):
     make_model, make_batch, loss_fn, lr = MODELS[name]
     model, batch = make_model(), make_batch()
     params = list(model.parameters())
@@ -151,7 +164,7 @@ def test_custom_module_picks_an_exact_runner(bn):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_meta_gradient_matches_finite_differences(name):
+def test_meta_gradient_matches_finite_differences(name, layout):
     """The loop oracle and maml_step both agree with central differences of the meta-loss (second order)."""
     make_model, make_batch, loss_fn, lr = MODELS[name]
     model, batch = make_model(), make_batch(T=2)
@@ -180,7 +193,7 @@ def test_meta_gradient_matches_finite_differences(name):
 @pytest.mark.parametrize("kind", ["metasgd", "lslr"])
 @pytest.mark.parametrize("first_order", [False, True], ids=["2nd", "1st"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_learned_learning_rates(name, first_order, kind):
+def test_learned_learning_rates(name, first_order, kind, layout):
     make_model, make_batch, loss_fn, lr = MODELS[name]
     model, batch = make_model(), make_batch()
     steps = 3
@@ -209,7 +222,7 @@ def test_learned_learning_rates(name, first_order, kind):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_anil_adapts_the_head_only(name):
+def test_anil_adapts_the_head_only(name, layout):
     make_model, make_batch, loss_fn, lr = MODELS[name]
     model, batch = make_model(), make_batch()
     params = list(model.parameters())
@@ -235,7 +248,7 @@ def test_anil_with_predicate_and_metasgd():
 
 
 @pytest.mark.parametrize("first_order", [False, True], ids=["2nd", "1st"])
-def test_multi_step_loss(first_order):
+def test_multi_step_loss(first_order, layout):
     model, batch = conv4(), classification_batch()
     w = fastmeta.msl_weights(4, epoch=3, anneal_epochs=10)
     out = fastmeta.maml_step(model, batch, 0.4, 4, first_order, multi_step_weights=w)
@@ -296,7 +309,7 @@ def test_inner_update_goes_through_the_op(monkeypatch):
     assert calls == [len(list(model.parameters()))] * 3  # one call per step for all tensors of all tasks
 
 
-def test_batchnorm_eval_mode_uses_running_stats_and_nothing_is_updated():
+def test_batchnorm_eval_mode_uses_running_stats_and_nothing_is_updated(layout):
     model = conv4()
     model.features[1] = nn.BatchNorm2d(4).to(D64)  # with running statistics
     with torch.no_grad():
@@ -315,8 +328,9 @@ def test_batchnorm_eval_mode_uses_running_stats_and_nothing_is_updated():
         assert torch.equal(b, before[n]), n
 
 
-def test_channels_first_rgb_input():
-    model, batch = conv4(in_channels=3), classification_batch(channels=3)
+@pytest.mark.parametrize("bn_signs", ["positive", "mixed"])
+def test_rgb_input(layout, bn_signs):
+    model, batch = conv4(in_channels=3, bn_signs=bn_signs), classification_batch(channels=3)
     out = fastmeta.maml_step(model, batch, 0.4, 1)
     want = loop_meta_loss(model, batch, 0.4, 1, False, F.cross_entropy)
     assert_grads_close(grads_of(out.loss, list(model.parameters())), grads_of(want, list(model.parameters())))
@@ -330,7 +344,7 @@ def test_generic_loss_function_matches_flat_path():
     assert_grads_close(grads_of(a.loss, list(model.parameters())), grads_of(b.loss, list(model.parameters())))
 
 
-def test_adapt_for_meta_testing():
+def test_adapt_for_meta_testing(layout):
     model, batch = conv4(), classification_batch()
     before = [p.detach().clone() for p in model.parameters()]
     lrs = fastmeta.LSLR(model, inner_steps=2, init=0.3)
@@ -372,7 +386,7 @@ def test_float32_meta_gradient():
     assert_grads_close(grads_of(out.loss, params), grads_of(want, params), rtol=2e-3)
 
 
-def test_on_device(device):
+def test_on_device(device, layout):
     model, batch = conv4().to(device), classification_batch(device=device)
     params = list(model.parameters())
     out = fastmeta.maml_step(model, batch, 0.4, 2)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastmeta import ops
-from fastmeta.algorithms._batched import BatchedModel, LoopModel, VmapModel, runner
+from fastmeta.algorithms._batched import BatchedModel, LoopModel, VmapModel, runner, tasks_first
 from fastmeta.data import TaskBatch
 
 __all__ = ["maml_step", "adapt", "MAMLOutput", "AdaptedModel", "InnerLR", "MetaSGDLR", "LSLR", "msl_weights"]
@@ -146,7 +146,7 @@ class AdaptedModel:
             p = {**self._params, **self.fast_weights}
             if self._start:
                 x = self._run(self._params, x, 0, self._start)
-            return _tensor(self._run(p, x, self._start))
+            return tasks_first(self._run(p, x, self._start))
 
 
 def maml_step(
@@ -205,7 +205,7 @@ def maml_step(
 
     def query(fast: list[Tensor]) -> tuple[Tensor, Tensor]:
         p = {**params, **dict(zip(adapted, fast))}
-        pred = _tensor(run(p, qfeat, start))
+        pred = tasks_first(run(p, qfeat, start))
         return pred, task_losses(loss_fn, pred, batch.query_y)
 
     create_graph = torch.is_grad_enabled() and not first_order
@@ -351,7 +351,8 @@ def _steps(
         with torch.enable_grad():
             inputs = [f if s else f.expand(T, *f.shape) for f in fast]
             inputs = [i if i.requires_grad else i.detach().requires_grad_() for i in inputs]
-            losses = task_losses(loss_fn, _tensor(run({**params, **dict(zip(adapted, inputs))}, feat, start)), y)
+            pred = run({**params, **dict(zip(adapted, inputs))}, feat, start, twice=create_graph)
+            losses = task_losses(loss_fn, tasks_first(pred), y)
             grads = torch.autograd.grad(
                 losses.sum(), inputs, create_graph=create_graph, allow_unused=True, materialize_grads=True
             )
@@ -363,10 +364,6 @@ def _accuracy(pred: Tensor, target: Tensor) -> Tensor | None:
     if pred.dim() == 3 and target.dim() == 2 and not target.is_floating_point() and not target.is_complex():
         return (pred.detach().argmax(-1) == target).to(pred.dtype).mean(1)
     return None
-
-
-def _tensor(x: Tensor | list[Tensor]) -> Tensor:
-    return torch.stack(x) if isinstance(x, list) else x
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

@@ -1,0 +1,204 @@
+"""Benchmarks of fastmeta.maml_step against what users write instead: a per-task loop and torch.func.vmap.
+
+One meta-step = adapt T tasks (inner_steps steps each) + query loss + backward to the initial weights.
+`python -m fastmeta bench --op maml` prints the table.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+import fastmeta
+from fastmeta.bench import interleaved_medians
+
+METHODS = ("fastmeta", "loop", "vmap")
+
+
+@dataclass(frozen=True)
+class MamlWorkload:
+    name: str  # "sinusoid" (MLP 1-40-40-1, K=10+10, MSE) or "conv4" (Omniglot-sized 5-way 1-shot, 15 queries)
+    tasks: int
+    inner_steps: int
+    first_order: bool
+
+    @property
+    def label(self) -> str:
+        order = "1st" if self.first_order else "2nd"
+        what = "sinusoid MLP 1-40-40-1, K=10+10" if self.name == "sinusoid" else "conv4 (BN) 5-way 1-shot 15q"
+        return f"{what}, T={self.tasks}, S={self.inner_steps}, {order} order"
+
+    @property
+    def inner_lr(self) -> float:
+        return 0.01 if self.name == "sinusoid" else 0.4
+
+
+WORKLOADS = [
+    MamlWorkload("sinusoid", 25, 5, False),
+    MamlWorkload("sinusoid", 25, 5, True),
+    MamlWorkload("conv4", 32, 1, False),
+    MamlWorkload("conv4", 32, 1, True),
+    MamlWorkload("conv4", 32, 5, False),
+]
+
+
+def conv4(n_way: int = 5, channels: int = 64) -> nn.Sequential:
+    """The standard few-shot backbone: 4 x [conv3x3, BatchNorm (batch statistics), ReLU, maxpool 2], linear head."""
+    layers: list[nn.Module] = []
+    for i in range(4):
+        layers += [nn.Conv2d(1 if i == 0 else channels, channels, 3, padding=1)]
+        layers += [nn.BatchNorm2d(channels, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2)]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels, n_way))
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+
+
+def make(w: MamlWorkload, device: str, tasks: int | None = None) -> tuple[nn.Module, fastmeta.TaskBatch, Callable]:
+    """(model, batch, loss_fn) of workload `w` with random data (timings do not depend on the values)."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    T = tasks or w.tasks
+    if w.name == "sinusoid":
+        amp, phase = torch.rand(T, 1, 1, generator=g) * 4.9 + 0.1, torch.rand(T, 1, 1, generator=g) * torch.pi
+        sx, qx = torch.rand(T, 10, 1, generator=g) * 10 - 5, torch.rand(T, 10, 1, generator=g) * 10 - 5
+        batch = fastmeta.TaskBatch(sx, amp * torch.sin(sx - phase), qx, amp * torch.sin(qx - phase))
+        return mlp().to(device), batch.to(device), F.mse_loss
+    sx, qx = torch.randn(T, 5, 1, 28, 28, generator=g), torch.randn(T, 75, 1, 28, 28, generator=g)
+    sy, qy = torch.arange(5).repeat(T, 1), torch.arange(5).repeat_interleave(15).repeat(T, 1)
+    return conv4().to(device), fastmeta.TaskBatch(sx, sy, qx, qy).to(device), F.cross_entropy
+
+
+def loop_step(model: nn.Module, b: fastmeta.TaskBatch, lr: float, steps: int, first_order: bool, loss_fn) -> Tensor:  # noqa: ANN001
+    """The usual per-task loop: functional_call, autograd.grad (create_graph for second order), subtraction."""
+    params = dict(model.named_parameters())
+    losses = []
+    for t in range(b.num_tasks):
+        fast = params
+        for _ in range(steps):
+            loss = loss_fn(functional_call(model, fast, (b.support_x[t],)), b.support_y[t])
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+            fast = {n: p - lr * g for (n, p), g in zip(fast.items(), grads)}
+        losses.append(loss_fn(functional_call(model, fast, (b.query_x[t],)), b.query_y[t]))
+    return torch.stack(losses).mean()
+
+
+def _conv4_functional(p: list[Tensor], x: Tensor) -> Tensor:
+    """Conv4 written for vmap with batch norm in elementary ops (vmap's batch-norm rule is not exact to second
+    order; this is how a vmap user gets exact per-task statistics)."""
+    for i in range(4):
+        w, b, gamma, beta = p[4 * i : 4 * i + 4]
+        x = F.conv2d(x, w, b, padding=1)
+        mean = x.mean((0, 2, 3), keepdim=True)
+        var = x.var((0, 2, 3), unbiased=False, keepdim=True)
+        x = (x - mean) * torch.rsqrt(var + 1e-5) * gamma.view(1, -1, 1, 1) + beta.view(1, -1, 1, 1)
+        x = F.max_pool2d(F.relu(x), 2)
+    return F.linear(x.flatten(1), p[16], p[17])
+
+
+def vmap_step(model: nn.Module, b: fastmeta.TaskBatch, lr: float, steps: int, first_order: bool, loss_fn) -> Tensor:  # noqa: ANN001
+    """torch.func's MAML: vmap over tasks of an inner loop of torch.func.grad steps."""
+    names = [n for n, _ in model.named_parameters()]
+    conv = isinstance(model[0], nn.Conv2d)
+
+    def forward(p: list[Tensor], x: Tensor) -> Tensor:
+        return _conv4_functional(p, x) if conv else functional_call(model, dict(zip(names, p)), (x,))
+
+    def task(p: list[Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
+        for _ in range(steps):
+            g = grad(lambda p: loss_fn(forward(p, sx), sy))(p)
+            p = [w - lr * (gi.detach() if first_order else gi) for w, gi in zip(p, g)]
+        return loss_fn(forward(p, qx), qy)
+
+    params = [p for _, p in model.named_parameters()]
+    return vmap(task, in_dims=(None, 0, 0, 0, 0))(params, b.support_x, b.support_y, b.query_x, b.query_y).mean()
+
+
+def step(method: str, w: MamlWorkload, device: str, tasks: int | None = None) -> Callable[[], None]:
+    """One meta-step (forward and backward) of workload `w` by `method`."""
+    model, b, loss_fn = make(w, device, tasks)
+    args = (w.inner_lr, w.inner_steps, w.first_order, loss_fn)
+    params = list(model.parameters())
+
+    def run() -> None:
+        if method == "fastmeta":
+            loss = fastmeta.maml_step(model, b, *args).loss
+        else:
+            loss = {"loop": loop_step, "vmap": vmap_step}[method](model, b, *args)
+        torch.autograd.grad(loss, params)
+
+    return run
+
+
+def peak_memory(method: str, w: MamlWorkload, device: str) -> int:
+    """Peak memory (bytes) of one meta-step over what was resident before it: the CUDA allocator's peak, or on
+    the CPU the peak resident set of a fresh process (VmHWM, reset just before the step)."""
+    if device.startswith("cuda"):
+        run = step(method, w, device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device) - base
+    code = (
+        "from fastmeta import bench_maml as b\n"
+        "def status(key):\n"
+        "    return int(next(x for x in open('/proc/self/status') if x.startswith(key)).split()[1]) * 1024\n"
+        f"w = b.MamlWorkload({w.name!r}, {w.tasks}, {w.inner_steps}, {w.first_order})\n"
+        f"b.step({method!r}, w, 'cpu', tasks=2)()\n"  # loads the code paths: not counted
+        f"run = b.step({method!r}, w, 'cpu')\n"
+        "try:\n"
+        "    open('/proc/self/clear_refs', 'w').write('5')\n"
+        "except OSError:\n"
+        "    pass\n"
+        "base = status('VmRSS:')\n"
+        "run()\n"
+        "print(status('VmHWM:') - base)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=tempfile.gettempdir()
+    )
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def run_maml(
+    device: str = "cpu",
+    workloads: list[MamlWorkload] | None = None,
+    min_time: float = 1.0,
+    rounds: int = 3,
+    memory: bool = True,
+) -> list[dict]:
+    """Median seconds per meta-step of each method on each workload (interleaved rounds), and the peak memory
+    of the second-order S=5 steps."""
+    rows = []
+    for w in workloads or WORKLOADS:
+        calls = {m: step(m, w, device) for m in METHODS}
+        medians = interleaved_medians(calls, device, min_time, rounds, max_reps=100, min_reps=1, warmup=1)
+        for name, seconds in medians.items():
+            row = {"workload": w.label, "mode": "meta-step", "method": name, "seconds": seconds}
+            if memory and w.inner_steps == 5 and not w.first_order:
+                row["peak_bytes"] = peak_memory(name, w, device)
+            rows.append(row)
+    return rows
+
+
+def summary(rows: list[dict]) -> dict[str, float]:
+    """workload -> fastmeta's speed-up over the fastest other method."""
+    out = {}
+    for label in dict.fromkeys(r["workload"] for r in rows):
+        group = {r["method"]: r["seconds"] for r in rows if r["workload"] == label}
+        others = [s for m, s in group.items() if m != "fastmeta"]
+        out[label] = min(others) / group["fastmeta"] if others else float("nan")
+    return out
