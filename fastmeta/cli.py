@@ -1,6 +1,6 @@
 """`python -m fastmeta`: the command line.
 
-python -m fastmeta bench [--device cpu|cuda] [--workload conv4|mlp] [--json FILE]
+python -m fastmeta bench [--device cpu|cuda] [--op all|fast_weight_update|contrastive|maml] [--json FILE]
 """
 
 from __future__ import annotations
@@ -46,6 +46,27 @@ def _bench(args: argparse.Namespace) -> int:
         print("\ncontrastive loss, forward+backward (median; peak memory over the inputs)\n")
         print(bench.format_table(more))
         rows += more
+    if args.op in ("all", "maml"):
+        from fastmeta import bench_maml
+
+        names = [n for n in args.maml_workloads.split(",") if n]
+        unknown = sorted(set(names) - {w.name for w in bench_maml.WORKLOADS})
+        if unknown:
+            print(f"error: --maml-workloads: unknown {unknown}; choose from sinusoid, conv4", file=sys.stderr)
+            return 2
+        maml_rows = bench_maml.run_maml(
+            args.device,
+            [w for w in bench_maml.WORKLOADS if w.name in names],
+            min_time=args.min_time,
+            rounds=args.rounds,
+            memory=args.maml_memory == "yes",
+        )
+        print(
+            "\nmaml_step: one meta-step (adapt T tasks, query loss, backward), median; speed-up = other / fastmeta; "
+            "peak memory of one step in a fresh process\n"
+        )
+        print(bench.format_table(maml_rows))
+        rows += maml_rows
     if args.device.startswith("cuda"):
         print("\nforward bandwidth (bytes read and written at least / median time) against a same-sized copy:\n")
         print("| workload | fastmeta | copy | fastmeta / copy |\n|---|---:|---:|---:|")
@@ -69,7 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="time the kernels against the reference and the usual alternatives")
     b.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
-    b.add_argument("--op", choices=["all", "fast_weight_update", "contrastive"], default="all", help="which ops")
+    b.add_argument(
+        "--op", choices=["all", "fast_weight_update", "contrastive", "maml"], default="all", help="what to time"
+    )
+    b.add_argument(
+        "--maml-workloads",
+        default="sinusoid,conv4",
+        help="maml_step: comma-separated workloads, sinusoid and/or conv4 (default both)",
+    )
+    b.add_argument("--maml-memory", choices=["yes", "no"], default="yes", help="peak memory of the S=5 2nd-order steps")
     b.add_argument("--workload", choices=["conv4", "mlp"], default=None, help="only this fast_weight_update workload")
     b.add_argument("--pair-batch", type=int, default=65536, help="contrastive pair mode: pairs per batch")
     b.add_argument(

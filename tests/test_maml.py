@@ -437,3 +437,21 @@ def test_bad_arguments():
         fastmeta.maml_step(CustomMLP().to(D64), batch, 0.1, strategy="batched")
     with pytest.raises(ValueError, match="inner_steps must be an integer >= 1"):
         fastmeta.LSLR(model, inner_steps=0)
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["2nd", "1st"])
+def test_recompute_gives_the_same_step(first_order, layout):
+    model, batch = conv4(), classification_batch(T=5)
+    lrs = fastmeta.LSLR(model, inner_steps=3, init=0.3)
+    tensors = list(model.parameters()) + list(lrs.parameters())
+    kw = dict(multi_step_weights=fastmeta.msl_weights(3, epoch=2))
+    a = fastmeta.maml_step(model, batch, lrs, 3, first_order, **kw)
+    b = fastmeta.maml_step(model, batch, lrs, 3, first_order, recompute=2, **kw)  # chunks of 2, 2 and 1 tasks
+    assert_close(b.loss, a.loss, rtol=1e-12, atol=0)
+    for f in ("task_losses", "accuracy", "support_losses", "predictions"):
+        assert_close(getattr(b, f), getattr(a, f), rtol=1e-12, atol=1e-14)
+    assert_close(b.fast_weights, a.fast_weights, rtol=1e-12, atol=1e-14)
+    assert_grads_close(grads_of(b.loss, tensors), grads_of(a.loss, tensors), rtol=1e-10)
+    assert not b.task_losses.requires_grad
+    with pytest.raises(ValueError, match="recompute must be an integer >= 1, got 0"):
+        fastmeta.maml_step(model, batch, 0.4, 1, recompute=0)

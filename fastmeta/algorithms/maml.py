@@ -160,6 +160,7 @@ def maml_step(
     adapt_params: Iterable[str] | Callable[[str], bool] | None = None,
     multi_step_weights: Sequence[float] | Tensor | None = None,
     strategy: str = "auto",
+    recompute: int | None = None,
 ) -> MAMLOutput:
     """One meta-step of MAML over the T tasks of `batch`: adapt to each support set, evaluate on its query set.
 
@@ -185,6 +186,10 @@ def maml_step(
             (see `msl_weights`).
         strategy: "auto" (batched where the model allows it, else vmap without BatchNorm, else a loop),
             "batched", "vmap" or "loop".
+        recompute: trade compute for memory: the step runs without a graph, and backward runs it again, this
+            many tasks at a time, differentiating each chunk before the next: peak memory of one chunk's graph
+            instead of all T's, for about one more forward pass. The same loss and meta-gradient to
+            `model`'s parameters and a learned inner_lr; only `loss` is differentiable (once).
     """
     if not isinstance(batch, TaskBatch):
         raise TypeError(f"maml_step: batch must be a fastmeta.TaskBatch, got {type(batch).__name__}")
@@ -198,6 +203,11 @@ def maml_step(
                 f"maml_step: multi_step_weights must have one weight per inner step ({inner_steps}), "
                 f"got {multi_step_weights.numel()}"
             )
+    if recompute is not None:
+        _check_int("recompute", recompute, 1)
+        if torch.is_grad_enabled() and recompute < batch.num_tasks:
+            kwargs = dict(adapt_params=adapt_params, multi_step_weights=multi_step_weights, strategy=strategy)
+            return _maml_step_recomputed(model, batch, inner_lr, inner_steps, first_order, loss_fn, recompute, kwargs)
     run, params, adapted, lr_of = _prepare("maml_step", model, batch.support_x, inner_lr, adapt_params, strategy)
     start = run.split(set(adapted))
     T = batch.num_tasks
@@ -231,6 +241,67 @@ def maml_step(
         predictions=pred.detach(),
         fast_weights={n: f if f.dim() > params[n].dim() else f.expand(T, *f.shape) for n, f in zip(adapted, fast)},
     )
+
+
+def _maml_step_recomputed(
+    model: nn.Module,
+    batch: TaskBatch,
+    inner_lr: float | InnerLR,
+    inner_steps: int,
+    first_order: bool,
+    loss_fn: LossFn,
+    chunk: int,
+    kwargs: dict,
+) -> MAMLOutput:
+    """maml_step whose loss recomputes its graph in backward, `chunk` tasks at a time (see maml_step)."""
+    T = batch.num_tasks
+    fields = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+    chunks = [TaskBatch(*(t[lo : lo + chunk] for t in fields)) for lo in range(0, T, chunk)]
+
+    def run(sub: TaskBatch) -> MAMLOutput:
+        return maml_step(model, sub, inner_lr, inner_steps, first_order, loss_fn, **kwargs)
+
+    tensors = [p for p in model.parameters() if p.requires_grad]
+    if isinstance(inner_lr, InnerLR):
+        tensors += [p for p in inner_lr.parameters() if p.requires_grad]
+    outs: list[MAMLOutput] = []
+    loss = _Recomputed.apply(run, chunks, outs, *tensors)
+    predictions = torch.cat([o.predictions for o in outs])
+    return MAMLOutput(
+        loss=loss,
+        task_losses=torch.cat([o.task_losses for o in outs]),
+        accuracy=_accuracy(predictions, batch.query_y),
+        support_losses=torch.cat([o.support_losses for o in outs]),
+        predictions=predictions,
+        fast_weights={n: torch.cat([o.fast_weights[n] for o in outs]) for n in outs[0].fast_weights},
+    )
+
+
+class _Recomputed(torch.autograd.Function):
+    """The meta-loss of chunks of tasks: values without a graph in forward; in backward each chunk's step is
+    run again with its graph and differentiated on its own, so that one chunk's graph is alive at a time."""
+
+    @staticmethod
+    def forward(ctx, run, chunks, outs, *tensors):  # noqa: ANN001, ANN205
+        ctx.run, ctx.chunks = run, chunks
+        ctx.save_for_backward(*tensors)
+        outs += [run(sub) for sub in chunks]  # grad mode is off here: maml_step computes values only
+        T = sum(sub.num_tasks for sub in chunks)
+        return sum(o.loss * (sub.num_tasks / T) for o, sub in zip(outs, chunks))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        tensors = ctx.saved_tensors
+        total = [torch.zeros_like(t) for t in tensors]
+        T = sum(sub.num_tasks for sub in ctx.chunks)
+        with torch.enable_grad():
+            for sub in ctx.chunks:
+                loss = ctx.run(sub).loss * (sub.num_tasks / T)
+                grads = torch.autograd.grad(loss, tensors, grad, allow_unused=True, materialize_grads=True)
+                for acc, g in zip(total, grads):
+                    acc.add_(g)
+        return (None, None, None, *total)
 
 
 def adapt(
