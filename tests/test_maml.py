@@ -455,3 +455,12 @@ def test_recompute_gives_the_same_step(first_order, layout):
     assert not b.task_losses.requires_grad
     with pytest.raises(ValueError, match="recompute must be an integer >= 1, got 0"):
         fastmeta.maml_step(model, batch, 0.4, 1, recompute=0)
+
+
+@pytest.mark.parametrize("adapt_params", [None, ["head"]], ids=["all", "anil"])
+def test_adapt_predicts_what_maml_step_evaluates(adapt_params, layout):
+    model, batch = conv4(), classification_batch()
+    out = fastmeta.maml_step(model, batch, 0.4, 3, adapt_params=adapt_params)
+    adapted = fastmeta.adapt(model, batch.support_x, batch.support_y, 0.4, 3, adapt_params=adapt_params)
+    assert_close(adapted(batch.query_x), out.predictions, rtol=1e-10, atol=1e-12)
+    assert set(adapted.fast_weights) == set(out.fast_weights)
