@@ -1,16 +1,33 @@
 """fastmeta: fast meta-learning for PyTorch, with fused C++/CUDA kernels and pure-PyTorch references."""
 
-from fastmeta import ops, reference
+from fastmeta import data, models, ops, reference
 from fastmeta._kernels import AVAILABLE as _AVAILABLE
 from fastmeta._kernels import ERROR as _ERROR
 from fastmeta._kernels import WITH_CUDA as _WITH_CUDA
-from fastmeta.algorithms import LSLR, AdaptedModel, InnerLR, MAMLOutput, MetaSGDLR, adapt, maml_step, msl_weights
-from fastmeta.data import TaskBatch
+from fastmeta.algorithms import (
+    LSLR,
+    AdaptedModel,
+    InnerLR,
+    MAMLOutput,
+    MetaSGDLR,
+    ReptileOutput,
+    adapt,
+    maml_step,
+    msl_weights,
+    reptile_step,
+)
+from fastmeta.data import EpisodeSampler, SinusoidTasks, TaskBatch
 
 __version__ = "0.1.0"
 __all__ = [
     "ops",
     "reference",
+    "data",
+    "models",
+    "EpisodeSampler",
+    "SinusoidTasks",
+    "reptile_step",
+    "ReptileOutput",
     "kernels_available",
     "kernels_info",
     "TaskBatch",

@@ -1,5 +1,7 @@
 """`python -m fastmeta`: the command line.
 
+python -m fastmeta train [--algo maml|fomaml|metasgd|reptile|pretrain] [--dataset sinusoid|omniglot --data PATH] ...
+python -m fastmeta eval CHECKPOINT [--episodes 1000]
 python -m fastmeta bench [--device cpu|cuda] [--op all|fast_weight_update|contrastive|maml] [--json FILE]
 """
 
@@ -85,6 +87,65 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from fastmeta.train import RunConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        config = RunConfig.make(
+            args.dataset,
+            algo=args.algo,
+            data=args.data,
+            split=args.split,
+            n_way=args.n_way,
+            k_shot=args.k_shot,
+            n_query=args.n_query,
+            meta_batch=args.meta_batch,
+            inner_steps=args.inner_steps,
+            eval_inner_steps=args.eval_inner_steps,
+            inner_lr=args.inner_lr,
+            meta_lr=args.meta_lr,
+            iterations=args.iterations,
+            val_every=args.val_every,
+            val_episodes=args.val_episodes,
+            seed=args.seed,
+        )
+        out = args.out or f"runs/{config.algo}-{config.dataset}" + (
+            f"-{config.n_way}way{config.k_shot}shot" if config.dataset == "omniglot" else ""
+        )
+        print(f"fastmeta {config.algo} on {config.dataset}: writing {out}/", flush=True)
+        result = train(config, out, resume=args.resume, time_limit=args.time_limit, plot=args.plot)
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from fastmeta.train import evaluate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        r = evaluate(args.checkpoint, args.episodes, args.part, args.inner_steps, args.data, args.tasks_per_batch)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    c = r["config"]
+    what = f"{c['n_way']}-way {c['k_shot']}-shot" if c["dataset"] == "omniglot" else f"{c['k_shot']}-shot"
+    scale, unit = (100, "%") if r["metric"] == "accuracy" else (1, "")
+    print(
+        f"{c['algo']} {c['dataset']} {what}, {args.part} split, {r['tasks']} tasks, {r['inner_steps']} inner steps: "
+        f"{r['metric']} {scale * r['mean']:.2f}{unit} +- {scale * r['ci95']:.2f}{unit} (95% CI)"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastmeta", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,5 +177,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     b.add_argument("--json", default=None, help="also write the measurements to this JSON file")
     b.set_defaults(func=_bench)
+
+    from fastmeta.train import ALGOS, DATASETS
+
+    t = sub.add_parser("train", help="meta-train a model (default: MAML on sinusoid regression)")
+    t.add_argument("--algo", choices=ALGOS, default="maml", help="pretrain: the joint-training sinusoid baseline")
+    t.add_argument("--dataset", choices=DATASETS, default="sinusoid")
+    t.add_argument("--data", default=None, help="Omniglot: a torchvision-style folder or the folder of the zips")
+    t.add_argument("--split", choices=["vinyals", "lake"], default=None, help="Omniglot split (default vinyals)")
+    t.add_argument("--out", default=None, help="run folder (default runs/<algo>-<dataset>...)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t.add_argument("--time-limit", type=float, default=None, help="minutes; then save and stop")
+    t.add_argument("--plot", action="store_true", help="write <out>/curve.png (needs matplotlib)")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    for name, kind in (
+        ("n-way", int), ("k-shot", int), ("n-query", int), ("meta-batch", int), ("inner-steps", int),
+        ("eval-inner-steps", int), ("inner-lr", float), ("meta-lr", float), ("iterations", int),
+        ("val-every", int), ("val-episodes", int), ("seed", int),
+    ):  # fmt: skip
+        t.add_argument(f"--{name}", type=kind, default=None, help="default: per dataset (see fastmeta.train)")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="meta-test a checkpoint: mean accuracy (or MSE) with a 95% confidence interval")
+    e.add_argument("checkpoint", help="a checkpoint.pt or best.pt written by train")
+    e.add_argument("--episodes", type=int, default=1000, help="test tasks (default 1000)")
+    e.add_argument("--part", choices=["train", "val", "trainval", "test"], default="test")
+    e.add_argument("--inner-steps", type=int, default=None, help="default: the run's eval_inner_steps")
+    e.add_argument("--data", default=None, help="Omniglot location, if not where the run found it")
+    e.add_argument("--tasks-per-batch", type=int, default=50)
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--json", default=None, help="also write the result to this JSON file")
+    e.set_defaults(func=_eval)
     args = parser.parse_args(argv)
     return args.func(args)

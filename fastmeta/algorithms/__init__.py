@@ -11,9 +11,12 @@ from fastmeta.algorithms.maml import (
     msl_weights,
     task_losses,
 )
+from fastmeta.algorithms.reptile import ReptileOutput, reptile_step
 
 __all__ = [
     "maml_step",
+    "reptile_step",
+    "ReptileOutput",
     "adapt",
     "task_losses",
     "msl_weights",

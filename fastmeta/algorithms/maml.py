@@ -125,12 +125,21 @@ class MAMLOutput:
 class AdaptedModel:
     """`model` adapted to T tasks by `adapt`: call it on (T, N, *x) inputs to predict with each task's weights."""
 
-    def __init__(self, run: Runner, params: dict[str, Tensor], fast_weights: dict[str, Tensor], start: int) -> None:
+    def __init__(
+        self,
+        run: Runner,
+        params: dict[str, Tensor],
+        fast_weights: dict[str, Tensor],
+        start: int,
+        support_losses: Tensor | None = None,
+    ) -> None:
         self._run = run
         self._params = params
         self._start = start
         self.fast_weights = fast_weights
         """name -> (T, *S) each task's adapted weights (detached)."""
+        self.support_losses = support_losses
+        """(T, inner_steps) each task's support loss before each step."""
 
     @property
     def num_tasks(self) -> int:
@@ -329,11 +338,14 @@ def adapt(
         start = run.split(set(adapted))
         fast = [params[n] for n in adapted]
         steps = _steps(run, params, adapted, support_x, support_y, start, lr_of_detached, inner_steps, loss_fn, False)
-        for step_fast, _ in steps:
+        losses = []
+        for step_fast, step_losses in steps:
             fast = step_fast
+            losses.append(step_losses)
         T = support_x.shape[0]
         fast_weights = {n: f if f.dim() > params[n].dim() else f.expand(T, *f.shape) for n, f in zip(adapted, fast)}
-    return AdaptedModel(run, params, fast_weights, start)
+        support_losses = torch.stack(losses, 1) if losses else support_x.new_zeros(T, 0)
+    return AdaptedModel(run, params, fast_weights, start, support_losses)
 
 
 def task_losses(loss_fn: LossFn, pred: Tensor, target: Tensor) -> Tensor:

@@ -1,0 +1,64 @@
+"""Reptile (Nichol, Achiam & Schulman 2018) over a batch of tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastmeta.algorithms.maml import InnerLR, LossFn, _accuracy, adapt, task_losses
+from fastmeta.data import TaskBatch
+
+__all__ = ["reptile_step", "ReptileOutput"]
+
+
+@dataclass
+class ReptileOutput:
+    """What reptile_step computed for T tasks (all detached).
+
+    task_losses: (T,) query loss after adaptation. accuracy: (T,) query accuracy (classification) or None.
+    support_losses: (T, inner_steps) support loss before each inner step. fast_weights: name -> (T, *S).
+    """
+
+    task_losses: Tensor
+    accuracy: Tensor | None
+    support_losses: Tensor
+    fast_weights: dict[str, Tensor]
+
+
+def reptile_step(
+    model: nn.Module,
+    batch: TaskBatch,
+    inner_lr: float | InnerLR = 0.1,
+    inner_steps: int = 5,
+    loss_fn: LossFn = F.cross_entropy,
+    *,
+    adapt_params: Iterable[str] | Callable[[str], bool] | None = None,
+    strategy: str = "auto",
+) -> ReptileOutput:
+    """One Reptile meta-step: adapt each task with `inner_steps` SGD steps on its support set (all T tasks
+    batched, through fastmeta.ops.fast_weight_update), then add the Reptile direction
+    theta - mean_t(fast_weights_t) to each adapted parameter's .grad.
+
+    An optimiser step then moves the initial weights toward the tasks' adapted weights: with
+    torch.optim.SGD(lr=epsilon), theta <- theta + epsilon * (mean_t phi_t - theta), Nichol et al.'s batched
+    update; Adam on the same direction also works. The query sets are only evaluated (for the returned losses).
+    """
+    if not isinstance(batch, TaskBatch):
+        raise TypeError(f"reptile_step: batch must be a fastmeta.TaskBatch, got {type(batch).__name__}")
+    adapted = adapt(
+        model, batch.support_x, batch.support_y, inner_lr, inner_steps, loss_fn, adapt_params=adapt_params,
+        strategy=strategy,
+    )  # fmt: skip
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, fast in adapted.fast_weights.items():
+            p = params[name]
+            direction = p - fast.mean(0)
+            p.grad = direction if p.grad is None else p.grad + direction
+        pred = adapted(batch.query_x)
+        losses = task_losses(loss_fn, pred, batch.query_y)
+    return ReptileOutput(losses, _accuracy(pred, batch.query_y), adapted.support_losses, adapted.fast_weights)

@@ -1,0 +1,117 @@
+"""Episodes: N-way K-shot tasks with Q queries per class, drawn from any labelled data, batched into TaskBatch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fastmeta.data.tasks import TaskBatch
+
+__all__ = ["EpisodeSampler"]
+
+
+class EpisodeSampler(torch.utils.data.Dataset):
+    """Item i is a TaskBatch of `tasks` N-way K-shot episodes: support (T, N*K, *x), query (T, N*Q, *x).
+
+    Each task draws `n_way` distinct classes and, from each, `k_shot + n_query` distinct examples; its labels
+    are 0..n_way-1 in the order the classes were drawn, support and query grouped by class. Episode i depends
+    only on (seed, i): reproducible, and the same whichever DataLoader worker makes it (use
+    `DataLoader(sampler, batch_size=None, num_workers=...)`).
+
+    Args:
+        data: either a class-major tensor (C, E, *x), E examples of each of C classes (uint8 images are scaled
+            to [0, 1] floats), or any dataset whose items are (x, label) (labels from `data.targets` when it
+            has them, else read once).
+        length: the number of episodes (len(sampler)); indices past it are still valid.
+    """
+
+    def __init__(
+        self,
+        data: Tensor | torch.utils.data.Dataset,
+        n_way: int,
+        k_shot: int,
+        n_query: int,
+        tasks: int = 1,
+        seed: int = 0,
+        length: int = 10**6,
+    ) -> None:
+        for name, value, low in (
+            ("n_way", n_way, 1),
+            ("k_shot", k_shot, 1),
+            ("n_query", n_query, 0),
+            ("tasks", tasks, 1),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"EpisodeSampler: {name} must be an integer >= {low}, got {value!r}")
+        self.data, self.n_way, self.k_shot, self.n_query, self.tasks = data, n_way, k_shot, n_query, tasks
+        self.seed, self.length = seed, length
+        if isinstance(data, Tensor):
+            if data.dim() < 2:
+                raise ValueError(
+                    f"EpisodeSampler: a tensor must be class-major (C, E, ...), got shape {tuple(data.shape)}"
+                )
+            self.class_sizes = [data.shape[1]] * data.shape[0]
+            self.by_class: list[Tensor] | None = None
+        else:
+            labels = _labels(data)
+            classes = sorted(set(labels))
+            index = {c: i for i, c in enumerate(classes)}
+            members: list[list[int]] = [[] for _ in classes]
+            for i, y in enumerate(labels):
+                members[index[y]].append(i)
+            self.by_class = [torch.tensor(m) for m in members]
+            self.class_sizes = [len(m) for m in members]
+        C = len(self.class_sizes)
+        if n_way > C:
+            raise ValueError(f"EpisodeSampler: n_way={n_way} is more than the {C} classes in the data")
+        need = k_shot + n_query
+        enough = sum(size >= need for size in self.class_sizes)
+        if enough < n_way:
+            raise ValueError(
+                f"EpisodeSampler: k_shot + n_query = {need} examples per class, but only {enough} classes have that "
+                f"many (the smallest has {min(self.class_sizes)}); n_way={n_way} needs {n_way} of them"
+            )
+        self.eligible = torch.tensor([i for i, size in enumerate(self.class_sizes) if size >= need])
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> TaskBatch:
+        g = torch.Generator().manual_seed(_mix(self.seed, i))
+        n, k, q = self.n_way, self.k_shot, self.n_query
+        picks = []  # per task: (n_way classes, (n_way, k+q) example indices)
+        for _ in range(self.tasks):
+            classes = self.eligible[torch.randperm(len(self.eligible), generator=g)[:n]]
+            examples = torch.stack(
+                [torch.randperm(self.class_sizes[c], generator=g)[: k + q] for c in classes.tolist()]
+            )
+            picks.append((classes, examples))
+        x = torch.stack([self._gather(c, e) for c, e in picks])  # (T, n, k+q, *x)
+        y = torch.arange(n).view(1, n, 1).expand(self.tasks, n, k + q)
+        flat = lambda t, a, b: t[:, :, a:b].reshape(t.shape[0], -1, *t.shape[3:])  # noqa: E731
+        return TaskBatch(flat(x, 0, k), flat(y, 0, k), flat(x, k, k + q), flat(y, k, k + q))
+
+    def _gather(self, classes: Tensor, examples: Tensor) -> Tensor:
+        if self.by_class is None:
+            x = self.data[classes.unsqueeze(1), examples]
+        else:
+            items = [self.data[int(self.by_class[c][e])][0] for c, row in zip(classes.tolist(), examples) for e in row]
+            x = torch.stack([torch.as_tensor(t) for t in items]).view(*examples.shape, *torch.as_tensor(items[0]).shape)
+        return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+
+def _labels(data: torch.utils.data.Dataset) -> Sequence:
+    targets = getattr(data, "targets", None)
+    if targets is not None:
+        return targets.tolist() if isinstance(targets, Tensor) else list(targets)
+    return [int(data[i][1]) for i in range(len(data))]
+
+
+def _mix(seed: int, i: int) -> int:
+    """A 63-bit seed for episode i (splitmix64 of seed and index: nearby pairs give unrelated streams)."""
+    z = (seed * 0x9E3779B97F4A7C15 + i + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF

@@ -1,0 +1,64 @@
+"""Backbones of few-shot learning, as nn.Sequential (so that maml_step runs them batched over tasks), each a
+`features` body and a `head` (ANIL: adapt_params=["head"])."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+
+__all__ = ["Conv4", "MLP"]
+
+
+class Conv4(nn.Sequential):
+    """The standard few-shot backbone (Vinyals et al. 2016; Finn et al. 2017): 4 x [conv3x3 `hidden`,
+    BatchNorm, ReLU, maxpool 2], then a linear head to `n_way` logits. Input (N, in_channels, S, S) in [0, 1];
+    output (N, n_way). BatchNorm uses batch statistics (no running statistics), as in MAML's code."""
+
+    def __init__(self, n_way: int = 5, in_channels: int = 1, hidden: int = 64, image_size: int = 28) -> None:
+        blocks: list[nn.Module] = []
+        size = image_size
+        for i in range(4):
+            blocks += [
+                nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1),
+                nn.BatchNorm2d(hidden, track_running_stats=False),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
+            size //= 2
+        if size < 1:
+            raise ValueError(f"Conv4: image_size must be at least 16, got {image_size}")
+        features = nn.Sequential(*blocks, nn.Flatten())
+        super().__init__(OrderedDict(features=features, head=nn.Linear(hidden * size * size, n_way)))
+        self.config = {
+            "model": "Conv4",
+            "n_way": n_way,
+            "in_channels": in_channels,
+            "hidden": hidden,
+            "image_size": image_size,
+        }
+
+
+class MLP(nn.Sequential):
+    """Fully connected ReLU network, sizes (in, hidden..., out); the sinusoid model of Finn et al. is
+    MLP((1, 40, 40, 1)). Input (N, in), output (N, out)."""
+
+    def __init__(self, sizes: tuple[int, ...] = (1, 40, 40, 1)) -> None:
+        if len(sizes) < 2:
+            raise ValueError(f"MLP: sizes needs an input and an output size, got {sizes}")
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes[:-2], sizes[1:-1]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        super().__init__(OrderedDict(features=nn.Sequential(*layers), head=nn.Linear(sizes[-2], sizes[-1])))
+        self.config = {"model": "MLP", "sizes": list(sizes)}
+
+
+def from_config(config: dict) -> nn.Module:
+    """The model a checkpoint's `config` describes (as in its `.config`)."""
+    kind = config.get("model")
+    args = {k: v for k, v in config.items() if k != "model"}
+    if kind == "Conv4":
+        return Conv4(**args)
+    if kind == "MLP":
+        return MLP(tuple(args["sizes"]))
+    raise ValueError(f"unknown model {kind!r} in the checkpoint's config")

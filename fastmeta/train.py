@@ -1,0 +1,388 @@
+"""Meta-training and meta-testing runs behind `python -m fastmeta train|eval`: data, model, optimiser,
+periodic validation, atomic checkpoints that resume, and a learning curve."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastmeta
+from fastmeta.algorithms import MetaSGDLR, adapt, maml_step, reptile_step, task_losses
+from fastmeta.data import EpisodeSampler, SinusoidTasks, load_omniglot, omniglot_split
+from fastmeta.models import from_config
+
+ALGOS = ("maml", "fomaml", "metasgd", "reptile", "pretrain")
+DATASETS = ("sinusoid", "omniglot")
+
+# Per dataset: what a run uses unless told otherwise (Finn et al. 2017's settings, fewer iterations).
+DEFAULTS = {
+    "sinusoid": dict(
+        k_shot=10, n_query=10, meta_batch=25, inner_steps=1, eval_inner_steps=1, inner_lr=0.01, meta_lr=1e-3,
+        iterations=20000, val_every=2000, val_episodes=40,
+    ),
+    "omniglot": dict(
+        n_way=5, k_shot=1, n_query=5, meta_batch=32, inner_steps=1, eval_inner_steps=3, inner_lr=0.4, meta_lr=1e-3,
+        iterations=20000, val_every=500, val_episodes=8,
+    ),
+}  # fmt: skip
+
+
+@dataclass
+class RunConfig:
+    """Everything a run depends on; saved in every checkpoint (a resumed run must use the same)."""
+
+    algo: str = "maml"
+    dataset: str = "sinusoid"
+    data: str | None = None  # Omniglot folder or zips (see fastmeta.data.omniglot)
+    split: str = "vinyals"
+    n_way: int = 5
+    k_shot: int = 1
+    n_query: int = 5
+    meta_batch: int = 32
+    inner_steps: int = 1
+    eval_inner_steps: int = 3
+    inner_lr: float = 0.4
+    meta_lr: float = 1e-3
+    iterations: int = 20000
+    val_every: int = 500
+    val_episodes: int = 8  # validation batches of meta_batch tasks each
+    seed: int = 0
+    hidden: int = 64
+    extra: dict = field(default_factory=dict)
+
+    @staticmethod
+    def make(dataset: str = "sinusoid", **overrides: object) -> RunConfig:
+        """The defaults of `dataset` with `overrides` (None values ignored)."""
+        if dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+        values = {**DEFAULTS[dataset], **{k: v for k, v in overrides.items() if v is not None}}
+        names = {f.name for f in fields(RunConfig)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"unknown settings {sorted(unknown)}")
+        config = RunConfig(dataset=dataset, **values)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        if self.algo not in ALGOS:
+            raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
+        if self.algo == "pretrain" and self.dataset != "sinusoid":
+            raise ValueError("algo 'pretrain' (the joint-training baseline) is for the sinusoid dataset")
+        for name in ("k_shot", "meta_batch", "iterations", "val_every", "val_episodes", "hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("inner_steps", "eval_inner_steps", "n_query"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def loss_fn(self) -> Callable:
+        return F.mse_loss if self.dataset == "sinusoid" else F.cross_entropy
+
+    def model_config(self) -> dict:
+        if self.dataset == "sinusoid":
+            return {"model": "MLP", "sizes": [1, 40, 40, 1]}
+        return {"model": "Conv4", "n_way": self.n_way, "in_channels": 1, "hidden": self.hidden, "image_size": 28}
+
+
+def build_model(config: RunConfig) -> tuple[nn.Module, MetaSGDLR | None]:
+    model = from_config(config.model_config())
+    lrs = MetaSGDLR(model, init=config.inner_lr) if config.algo == "metasgd" else None
+    return model, lrs
+
+
+def datasets(config: RunConfig, part: str = "train") -> torch.utils.data.Dataset:
+    """Episodes of one part: "train" (meta-training), "val" or "test" (a different seed for each part)."""
+    seed = config.seed * 1000 + {"train": 0, "val": 1, "trainval": 0, "test": 2}[part]
+    if config.dataset == "sinusoid":
+        return SinusoidTasks(config.k_shot, config.n_query, config.meta_batch, seed=seed)
+    if config.data is None:
+        raise FileNotFoundError(
+            "omniglot needs --data PATH: a folder with omniglot-py/images_background/ and images_evaluation/ "
+            "(torchvision's layout), or with images_background.zip and images_evaluation.zip"
+        )
+    images = omniglot_split(load_omniglot(config.data), config.split, part)
+    return EpisodeSampler(images, config.n_way, config.k_shot, config.n_query, config.meta_batch, seed=seed)
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a crash mid-write
+    leaves the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise ValueError(f"{path} is not a fastmeta checkpoint (no config and model state)")
+    return state
+
+
+def _step(config: RunConfig, model: nn.Module, lrs: MetaSGDLR | None, opt: torch.optim.Optimizer, batch) -> dict:  # noqa: ANN001
+    opt.zero_grad(set_to_none=True)
+    if config.algo == "reptile":
+        out = reptile_step(model, batch, config.inner_lr, config.inner_steps, config.loss_fn)
+        opt.step()
+        loss = out.task_losses.mean()
+    else:
+        steps = 0 if config.algo == "pretrain" else config.inner_steps
+        if config.algo == "pretrain":  # joint training on every point of every task, no adaptation
+            joint = type(batch)(
+                batch.support_x, batch.support_y, torch.cat([batch.support_x, batch.query_x], 1),
+                torch.cat([batch.support_y, batch.query_y], 1),
+            )  # fmt: skip
+            batch = joint
+        out = maml_step(
+            model, batch, lrs if lrs is not None else config.inner_lr, steps, config.algo == "fomaml", config.loss_fn
+        )
+        out.loss.backward()
+        opt.step()
+        loss = out.loss.detach()
+    acc = None if out.accuracy is None else out.accuracy.mean().item()
+    return {"loss": loss.item(), "accuracy": acc}
+
+
+def evaluate_model(
+    model: nn.Module,
+    lrs: MetaSGDLR | None,
+    config: RunConfig,
+    episodes: torch.utils.data.Dataset,
+    batches: int,
+    inner_steps: int,
+) -> dict:
+    """Mean query accuracy (classification) or MSE (regression) after adapting to each task's support set,
+    with its 95% confidence interval over the tasks: {"metric", "mean", "ci95", "tasks"}."""
+    values = []
+    was_training = model.training
+    for i in range(batches):
+        b = episodes[i]
+        inner_lr = lrs if lrs is not None else config.inner_lr
+        adapted = adapt(model, b.support_x, b.support_y, inner_lr, inner_steps, config.loss_fn)
+        pred = adapted(b.query_x)
+        if config.dataset == "sinusoid":
+            values.append(task_losses(config.loss_fn, pred, b.query_y))
+        else:
+            values.append((pred.argmax(-1) == b.query_y).float().mean(1))
+    model.train(was_training)
+    v = torch.cat(values).double()
+    ci = 1.96 * v.std().item() / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return {
+        "metric": "mse" if config.dataset == "sinusoid" else "accuracy",
+        "mean": v.mean().item(),
+        "ci95": ci,
+        "tasks": len(v),
+    }
+
+
+class _Progress:
+    """tqdm where installed, else a line every few seconds."""
+
+    def __init__(self, start: int, total: int) -> None:
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True)
+        except ImportError:
+            self.bar = None
+        self.i, self.total, self.last = start, total, 0.0
+
+    def update(self, info: dict) -> None:
+        self.i += 1
+        text = " ".join(f"{k}={v:.4g}" for k, v in info.items() if isinstance(v, float))
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(text, refresh=False)
+        elif time.time() - self.last > 10 or self.i == self.total:
+            self.last = time.time()
+            print(f"[{self.i}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(
+    config: RunConfig, out: str | os.PathLike, resume: bool = False, time_limit: float | None = None, plot: bool = False
+) -> dict:
+    """Meta-trains per `config`, writing out/checkpoint.pt (latest, every validation), out/best.pt (best
+    validation), out/history.jsonl and, with `plot`, out/curve.png. Returns the last validation result.
+
+    resume: continue from out/checkpoint.pt (its config must equal `config`). time_limit: minutes, after which
+    the run saves and stops."""
+    if plot:
+        _matplotlib()  # fail now, not after the first stretch of training
+    out = Path(out)
+    ckpt_path = out / "checkpoint.pt"
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume and ckpt_path.exists():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model, lrs = build_model(config)
+    params = list(model.parameters()) + (list(lrs.parameters()) if lrs is not None else [])
+    opt: torch.optim.Optimizer
+    if config.algo == "reptile":
+        opt = torch.optim.SGD(params, lr=config.meta_lr)
+    else:
+        opt = torch.optim.Adam(params, lr=config.meta_lr)
+    start, history, best = 0, [], None
+    if resume:
+        state = load_checkpoint(ckpt_path)
+        saved = RunConfig(**state["config"])
+        if saved != config:
+            diff = {k: (v, getattr(config, k)) for k, v in asdict(saved).items() if getattr(config, k) != v}
+            raise ValueError(
+                f"--resume: {ckpt_path} was written by a run with other settings (saved, now): {diff}; "
+                "resume with the same settings or write to another --out"
+            )
+        _load_states(state, model, lrs, opt, ckpt_path)
+        start, history, best = state["iteration"], state["history"], state.get("best")
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+    train_set, val_set = datasets(config, "train"), datasets(config, "val")
+    deadline = None if time_limit is None else time.time() + 60 * time_limit
+    progress = _Progress(start, config.iterations)
+    result: dict = history[-1] if history else {}
+
+    def checkpoint(it: int) -> None:
+        state = {
+            "config": asdict(config),
+            "model_config": config.model_config(),
+            "model": model.state_dict(),
+            "inner_lr": lrs.state_dict() if lrs is not None else None,
+            "optimizer": opt.state_dict(),
+            "iteration": it,
+            "history": history,
+            "best": best,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "fastmeta": fastmeta.__version__,
+        }
+        save_checkpoint(ckpt_path, state)
+        if history and best is not None and history[-1]["val"] == best:
+            save_checkpoint(out / "best.pt", state)
+
+    tic = time.time()
+    it = start
+    while it < config.iterations:
+        if config.algo == "reptile":  # Nichol et al.: the outer step size anneals linearly to 0
+            for group in opt.param_groups:
+                group["lr"] = config.meta_lr * (1 - it / config.iterations)
+        info = _step(config, model, lrs, opt, train_set[it])
+        it += 1
+        progress.update(info)
+        timed_out = deadline is not None and time.time() > deadline
+        if it % config.val_every == 0 or it == config.iterations or timed_out:
+            v = evaluate_model(model, lrs, config, val_set, config.val_episodes, config.eval_inner_steps)
+            result = {"iteration": it, "seconds": time.time() - tic, "train_loss": info["loss"], "val": v["mean"]}
+            result["val_ci95"] = v["ci95"]
+            history.append(result)
+            better = best is None or (v["mean"] < best if v["metric"] == "mse" else v["mean"] > best)
+            best = v["mean"] if better else best
+            progress.write(f"iteration {it}: validation {v['metric']} {v['mean']:.4f} +- {v['ci95']:.4f}")
+            with open(out / "history.jsonl", "a") as f:
+                f.write(json.dumps(result) + "\n")
+            checkpoint(it)
+            if plot:
+                plot_history(history, out / "curve.png", v["metric"])
+        if timed_out:
+            progress.write(f"time limit of {time_limit} min reached at iteration {it}: saved {ckpt_path}")
+            break
+    progress.close()
+    return result
+
+
+def _load_states(state: dict, model: nn.Module, lrs: MetaSGDLR | None, opt, path: Path) -> None:  # noqa: ANN001
+    try:
+        model.load_state_dict(state["model"])
+        if lrs is not None:
+            lrs.load_state_dict(state["inner_lr"])
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"{path} holds a different model ({state.get('model_config')}) than this run builds: {e}"
+        ) from None
+    if opt is not None:
+        opt.load_state_dict(state["optimizer"])
+
+
+def plot_history(history: list[dict], path: str | os.PathLike, metric: str) -> None:
+    """The validation metric against iterations, as a PNG (needs matplotlib)."""
+    plt = _matplotlib()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [h["iteration"] for h in history]
+    ys = [h["val"] for h in history]
+    ax.plot(xs, ys, marker="o")
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel(f"validation {metric}")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _matplotlib():  # noqa: ANN202
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install matplotlib (or fastmeta[train])") from None
+    return plt
+
+
+def evaluate(
+    checkpoint: str | os.PathLike,
+    episodes: int = 1000,
+    part: str = "test",
+    inner_steps: int | None = None,
+    data: str | None = None,
+    tasks_per_batch: int = 50,
+) -> dict:
+    """Meta-tests a checkpoint: `episodes` tasks of `part`, each adapted with `inner_steps` (default: the
+    run's eval_inner_steps) steps. Returns {"metric", "mean", "ci95", "tasks", "config"}."""
+    state = load_checkpoint(checkpoint)
+    config = RunConfig(**state["config"])
+    if data is not None:
+        config.data = data
+    model, lrs = build_model(config)
+    _load_states(state, model, lrs, None, Path(checkpoint))
+    eval_config = RunConfig(**{**asdict(config), "meta_batch": tasks_per_batch})
+    batches = math.ceil(episodes / tasks_per_batch)
+    steps = config.eval_inner_steps if inner_steps is None else inner_steps
+    result = evaluate_model(model, lrs, config, datasets(eval_config, part), batches, steps)
+    result["config"] = asdict(config)
+    result["inner_steps"] = steps
+    return result
+
+
+__all__ = ["RunConfig", "train", "evaluate", "save_checkpoint", "load_checkpoint", "plot_history"]
