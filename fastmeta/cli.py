@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 
@@ -87,6 +88,18 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_out(config: object, resume: bool) -> str:
+    """runs/<algo>-<dataset>[-<n>way<k>shot], numbered -2, -3, ... past existing runs (--resume: the latest)."""
+    base = f"runs/{config.algo}-{config.dataset}" + (
+        f"-{config.n_way}way{config.k_shot}shot" if config.dataset == "omniglot" else ""
+    )
+    names = [base] + [f"{base}-{i}" for i in range(2, 1000)]
+    existing = [n for n in names if os.path.exists(n)]
+    if resume:
+        return existing[-1] if existing else base
+    return next(n for n in names if not os.path.exists(n))
+
+
 def _train(args: argparse.Namespace) -> int:
     from fastmeta.train import RunConfig, train
 
@@ -111,9 +124,7 @@ def _train(args: argparse.Namespace) -> int:
             val_episodes=args.val_episodes,
             seed=args.seed,
         )
-        out = args.out or f"runs/{config.algo}-{config.dataset}" + (
-            f"-{config.n_way}way{config.k_shot}shot" if config.dataset == "omniglot" else ""
-        )
+        out = args.out or _default_out(config, args.resume)
         print(f"fastmeta {config.algo} on {config.dataset}: writing {out}/", flush=True)
         result = train(config, out, resume=args.resume, time_limit=args.time_limit, plot=args.plot)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:

@@ -149,3 +149,14 @@ def test_plot_writes_a_learning_curve_or_says_what_is_missing(tmp_path, capsys):
     else:
         assert code == 0, err
         assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_default_run_folders_are_numbered(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--iterations", "2", "--val-every", "2", "--val-episodes", "1"]
+    assert main(["train"] + tiny) == 0 and main(["train"] + tiny) == 0
+    assert (tmp_path / "runs/maml-sinusoid/checkpoint.pt").is_file()
+    assert (tmp_path / "runs/maml-sinusoid-2/checkpoint.pt").is_file()
+    capsys.readouterr()
+    assert main(["train", "--resume", "--iterations", "4", "--val-every", "2", "--val-episodes", "1"]) == 2
+    assert "runs/maml-sinusoid-2/checkpoint.pt was written by a run with other settings" in capsys.readouterr().err
