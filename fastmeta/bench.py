@@ -269,13 +269,25 @@ def all_pairs_step(method: str, N: int, D: int, device: str) -> Callable[[], Non
 
 
 def peak_memory(method: str, N: int, D: int, device: str) -> int:
-    """Peak memory (bytes) of one all-pairs forward+backward over what its inputs already hold.
+    """Peak memory (bytes) of one all-pairs forward+backward over what its inputs already hold (see
+    step_peak_memory)."""
+    return step_peak_memory(
+        lambda: all_pairs_step(method, N, D, device),
+        device,
+        f"bench.all_pairs_step({method!r}, {N}, {D}, 'cpu')",
+        f"bench.all_pairs_step({method!r}, 64, {D}, 'cpu')",
+    )
 
-    CUDA: the caching allocator's peak. CPU: the peak resident set of a fresh process, over its resident set
-    just before the step (a subprocess, so that earlier work does not hide the peak), after a small warm-up
-    step so that code and libraries loaded on first use are not counted."""
+
+def step_peak_memory(make: Callable[[], Callable[[], object]], device: str, step_code: str, warmup_code: str) -> int:
+    """Peak memory (bytes) of one call of the step that `make()` returns, over what was resident before it.
+
+    CUDA: in this process, the caching allocator's peak. CPU: in a fresh process (so that earlier work does
+    not hide the peak), the peak resident set over the resident set just before the call, after one call of a
+    small warm-up step so that code and libraries loaded on first use are not counted. There the steps are
+    the Python expressions `step_code` and `warmup_code` (with `bench` and `bench_maml` imported)."""
     if device.startswith("cuda"):
-        step = all_pairs_step(method, N, D, device)
+        step = make()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -284,12 +296,12 @@ def peak_memory(method: str, N: int, D: int, device: str) -> int:
         return torch.cuda.max_memory_allocated(device) - base
     # VmHWM, not ru_maxrss: the latter survives exec and would report the parent's size at fork.
     code = (
-        "from fastmeta import bench\n"
+        "from fastmeta import bench, bench_maml\n"
         "def status(key):\n"
         "    line = next(x for x in open('/proc/self/status') if x.startswith(key))\n"
         "    return int(line.split()[1]) * 1024\n"
-        f"bench.all_pairs_step({method!r}, 64, {D}, 'cpu')()\n"  # loads the code paths: not counted
-        f"step = bench.all_pairs_step({method!r}, {N}, {D}, 'cpu')\n"
+        f"({warmup_code})()\n"
+        f"step = {step_code}\n"
         "try:\n"
         "    open('/proc/self/clear_refs', 'w').write('5')\n"  # resets VmHWM to the current resident set
         "except OSError:\n"

@@ -6,10 +6,6 @@ One meta-step = adapt T tasks (inner_steps steps each) + query loss + backward t
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 import fastmeta
-from fastmeta.bench import interleaved_medians
+from fastmeta.bench import interleaved_medians, step_peak_memory
 
 METHODS = ("fastmeta", "loop", "vmap")
 RECOMPUTE = 8  # "fastmeta recompute": maml_step(recompute=8), chunks of 8 tasks under activation checkpointing
@@ -149,36 +145,14 @@ def step(method: str, w: MamlWorkload, device: str, tasks: int | None = None) ->
 
 
 def peak_memory(method: str, w: MamlWorkload, device: str) -> int:
-    """Peak memory (bytes) of one meta-step over what was resident before it: the CUDA allocator's peak, or on
-    the CPU the peak resident set of a fresh process (VmHWM, reset just before the step)."""
-    if device.startswith("cuda"):
-        run = step(method, w, device)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        run()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated(device) - base
-    code = (
-        "from fastmeta import bench_maml as b\n"
-        "def status(key):\n"
-        "    return int(next(x for x in open('/proc/self/status') if x.startswith(key)).split()[1]) * 1024\n"
-        f"w = b.MamlWorkload({w.name!r}, {w.tasks}, {w.inner_steps}, {w.first_order})\n"
-        f"b.step({method!r}, w, 'cpu', tasks=2)()\n"  # loads the code paths: not counted
-        f"run = b.step({method!r}, w, 'cpu')\n"
-        "try:\n"
-        "    open('/proc/self/clear_refs', 'w').write('5')\n"
-        "except OSError:\n"
-        "    pass\n"
-        "base = status('VmRSS:')\n"
-        "run()\n"
-        "print(status('VmHWM:') - base)\n"
+    """Peak memory (bytes) of one meta-step over what was resident before it (see bench.step_peak_memory)."""
+    workload = f"bench_maml.MamlWorkload({w.name!r}, {w.tasks}, {w.inner_steps}, {w.first_order})"
+    return step_peak_memory(
+        lambda: step(method, w, device),
+        device,
+        f"bench_maml.step({method!r}, {workload}, 'cpu')",
+        f"bench_maml.step({method!r}, {workload}, 'cpu', tasks=2)",
     )
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=tempfile.gettempdir()
-    )
-    return int(out.stdout.strip().splitlines()[-1])
 
 
 def run_maml(
