@@ -22,6 +22,11 @@ timeout 150 $PY -m pytest -q tests -p no:cacheprovider -rf 2>&1 | tee "$OUTDIR/t
 tests_rc=${PIPESTATUS[0]}
 
 echo "== benchmark"
-timeout 180 $PY -m fastmeta bench --device cuda --min-time 0.3 --json "$OUTDIR/bench_cuda.json" | tee "$OUTDIR/bench_cuda.md"
+for op in fast_weight_update:60 contrastive:45; do
+  timeout "${op#*:}" $PY -m fastmeta bench --device cuda --op "${op%:*}" --min-time 0.3 --json "$OUTDIR/bench_${op%:*}.json" \
+    | tee "$OUTDIR/bench_${op%:*}.md"
+done
+timeout 75 $PY -m fastmeta bench --device cuda --op maml --rounds 2 --json "$OUTDIR/bench_maml.json" \
+  | tee "$OUTDIR/bench_maml.md"
 echo "tests exit code: $tests_rc"
 exit "$tests_rc"
