@@ -174,13 +174,3 @@ def run_maml(
                 row["peak_bytes"] = peak_memory(name, w, device)
             rows.append(row)
     return rows
-
-
-def summary(rows: list[dict]) -> dict[str, float]:
-    """workload -> fastmeta's speed-up over the fastest other method."""
-    out = {}
-    for label in dict.fromkeys(r["workload"] for r in rows):
-        group = {r["method"]: r["seconds"] for r in rows if r["workload"] == label}
-        others = [s for m, s in group.items() if not m.startswith("fastmeta")]
-        out[label] = min(others) / group["fastmeta"] if others else float("nan")
-    return out

@@ -248,7 +248,7 @@ def maml_step(
         accuracy=_accuracy(pred, batch.query_y),
         support_losses=torch.stack(support_losses, 1) if support_losses else per_task.new_zeros(T, 0).detach(),
         predictions=pred.detach(),
-        fast_weights={n: f if f.dim() > params[n].dim() else f.expand(T, *f.shape) for n, f in zip(adapted, fast)},
+        fast_weights=_per_task_weights(params, adapted, fast, T),
     )
 
 
@@ -343,7 +343,7 @@ def adapt(
             fast = step_fast
             losses.append(step_losses)
         T = support_x.shape[0]
-        fast_weights = {n: f if f.dim() > params[n].dim() else f.expand(T, *f.shape) for n, f in zip(adapted, fast)}
+        fast_weights = _per_task_weights(params, adapted, fast, T)
         support_losses = torch.stack(losses, 1) if losses else support_x.new_zeros(T, 0)
     return AdaptedModel(run, params, fast_weights, start, support_losses)
 
@@ -441,6 +441,11 @@ def _steps(
             )
         fast = ops.fast_weight_update(fast, grads, lr_of(s))
         yield fast, losses.detach()
+
+
+def _per_task_weights(params: dict[str, Tensor], adapted: list[str], fast: list[Tensor], T: int) -> dict[str, Tensor]:
+    """name -> (T, *S): the fast weights, the shared initial ones expanded where no step was taken."""
+    return {n: f if f.dim() > params[n].dim() else f.expand(T, *f.shape) for n, f in zip(adapted, fast)}
 
 
 def _accuracy(pred: Tensor, target: Tensor) -> Tensor | None:
