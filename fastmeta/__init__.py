@@ -1,6 +1,6 @@
 """fastmeta: fast meta-learning for PyTorch, with fused C++/CUDA kernels and pure-PyTorch references."""
 
-from fastmeta import data, models, ops, reference
+from fastmeta import data, distributed, models, ops, reference
 from fastmeta._kernels import AVAILABLE as _AVAILABLE
 from fastmeta._kernels import ERROR as _ERROR
 from fastmeta._kernels import WITH_CUDA as _WITH_CUDA
@@ -23,6 +23,7 @@ __all__ = [
     "ops",
     "reference",
     "data",
+    "distributed",
     "models",
     "EpisodeSampler",
     "SinusoidTasks",

@@ -101,10 +101,21 @@ def _default_out(config: object, resume: bool) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fastmeta.train import RunConfig, train
+    from fastmeta import distributed
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    rank, size = distributed.init_from_env()  # under torchrun: one process group over all the processes
+    try:
+        return _train_in(args, rank, size)
+    finally:
+        if size > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _train_in(args: argparse.Namespace, rank: int, size: int) -> int:
+    from fastmeta.train import RunConfig, train
+
     try:
         config = RunConfig.make(
             args.dataset,
@@ -124,13 +135,18 @@ def _train(args: argparse.Namespace) -> int:
             val_episodes=args.val_episodes,
             seed=args.seed,
         )
-        out = args.out or _default_out(config, args.resume)
-        print(f"fastmeta {config.algo} on {config.dataset}: writing {out}/", flush=True)
-        result = train(config, out, resume=args.resume, time_limit=args.time_limit, plot=args.plot)
+        out = [args.out or _default_out(config, args.resume)]
+        if size > 1:  # rank 0 names the folder: the others could see it already made and number theirs apart
+            torch.distributed.broadcast_object_list(out, src=0)
+        if rank == 0:
+            where = f" on {size} processes" if size > 1 else ""
+            print(f"fastmeta {config.algo} on {config.dataset}{where}: writing {out[0]}/", flush=True)
+        result = train(config, out[0], resume=args.resume, time_limit=args.time_limit, plot=args.plot)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error{f' (rank {rank})' if size > 1 else ''}: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result))
+    if rank == 0:
+        print(json.dumps(result))
     return 0
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmeta
+from fastmeta import distributed
 from fastmeta.algorithms import MetaSGDLR, adapt, maml_step, reptile_step, task_losses
 from fastmeta.data import EpisodeSampler, SinusoidTasks, load_omniglot, omniglot_split
 from fastmeta.models import from_config
@@ -103,18 +104,21 @@ def build_model(config: RunConfig) -> tuple[nn.Module, MetaSGDLR | None]:
     return model, lrs
 
 
-def datasets(config: RunConfig, part: str = "train") -> torch.utils.data.Dataset:
-    """Episodes of one part: "train" (meta-training), "val" or "test" (a different seed for each part)."""
+def datasets(config: RunConfig, part: str = "train", shard: tuple[int, int] = (0, 1)) -> torch.utils.data.Dataset:
+    """Episodes of one part: "train" (meta-training), "val" or "test" (a different seed for each part).
+    shard: (rank, world_size), this process's tasks of each meta-batch."""
     seed = config.seed * 1000 + {"train": 0, "val": 1, "trainval": 0, "test": 2}[part]
     if config.dataset == "sinusoid":
-        return SinusoidTasks(config.k_shot, config.n_query, config.meta_batch, seed=seed)
+        return SinusoidTasks(config.k_shot, config.n_query, config.meta_batch, seed=seed, shard=shard)
     if config.data is None:
         raise FileNotFoundError(
             "omniglot needs --data PATH: a folder with omniglot-py/images_background/ and images_evaluation/ "
             "(torchvision's layout), or with images_background.zip and images_evaluation.zip"
         )
     images = omniglot_split(load_omniglot(config.data), config.split, part)
-    return EpisodeSampler(images, config.n_way, config.k_shot, config.n_query, config.meta_batch, seed=seed)
+    return EpisodeSampler(
+        images, config.n_way, config.k_shot, config.n_query, config.meta_batch, seed=seed, shard=shard
+    )
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -140,11 +144,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
-def _step(config: RunConfig, model: nn.Module, lrs: MetaSGDLR | None, opt: torch.optim.Optimizer, batch) -> dict:  # noqa: ANN001
+def _step(
+    config: RunConfig,
+    model: nn.Module,
+    lrs: MetaSGDLR | None,
+    opt: torch.optim.Optimizer,
+    batch,  # noqa: ANN001
+    share: float = 1.0,
+    stop: bool = False,
+) -> dict:
+    """One meta-step on this process's tasks; with several processes, the meta-gradient (and the logged loss
+    and accuracy) are summed over them weighted by `share`, this process's fraction of the meta-batch, and
+    `stop` is true on every process when it is on any."""
     opt.zero_grad(set_to_none=True)
     if config.algo == "reptile":
         out = reptile_step(model, batch, config.inner_lr, config.inner_steps, config.loss_fn)
-        opt.step()
         loss = out.task_losses.mean()
     else:
         steps = 0 if config.algo == "pretrain" else config.inner_steps
@@ -158,10 +172,14 @@ def _step(config: RunConfig, model: nn.Module, lrs: MetaSGDLR | None, opt: torch
             model, batch, lrs if lrs is not None else config.inner_lr, steps, config.algo == "fomaml", config.loss_fn
         )
         out.loss.backward()
-        opt.step()
         loss = out.loss.detach()
-    acc = None if out.accuracy is None else out.accuracy.mean().item()
-    return {"loss": loss.item(), "accuracy": acc}
+    acc = torch.nan if out.accuracy is None else out.accuracy.float().mean().item()
+    stats = torch.tensor([loss.item() * share, acc * share, float(stop)], dtype=torch.float64)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    stats = distributed.all_reduce_gradients(params, share, stats)
+    opt.step()
+    loss, acc, stop = stats.tolist()
+    return {"loss": loss, "accuracy": None if math.isnan(acc) else acc, "stop": stop > 0}
 
 
 def evaluate_model(
@@ -236,7 +254,13 @@ def train(
     validation), out/history.jsonl and, with `plot`, out/curve.png. Returns the last validation result.
 
     resume: continue from out/checkpoint.pt (its config must equal `config`). time_limit: minutes, after which
-    the run saves and stops."""
+    the run saves and stops.
+
+    Under torch.distributed (torchrun; see fastmeta.distributed) each process meta-trains on its share of every
+    meta-batch of `config.meta_batch` tasks and the meta-gradients are summed: the same tasks and, up to float
+    rounding, the same run as one process. Only rank 0 prints, validates and writes files."""
+    rank, size = distributed.world()
+    lead = rank == 0
     if plot:
         _matplotlib()  # fail now, not after the first stretch of training
     out = Path(out)
@@ -247,6 +271,7 @@ def train(
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model, lrs = build_model(config)
+    share = len(distributed.shard_range(config.meta_batch, rank, size)) / config.meta_batch
     params = list(model.parameters()) + (list(lrs.parameters()) if lrs is not None else [])
     opt: torch.optim.Optimizer
     if config.algo == "reptile":
@@ -267,9 +292,22 @@ def train(
         start, history, best = state["iteration"], state["history"], state.get("best")
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
-    train_set, val_set = datasets(config, "train"), datasets(config, "val")
+        saved_size = state.get("world_size", 1)
+        if saved_size != size and lead:
+            print(
+                f"--resume: {ckpt_path} was written by a run on {saved_size} process(es), this one has {size}: the "
+                f"meta-batch of {config.meta_batch} tasks is now split {size} ways, and task j of step i is the same "
+                "whichever process draws it, so training goes on with the same tasks and, up to float rounding, "
+                "the same meta-gradients",
+                flush=True,
+            )
+    for module in (model, lrs):
+        if module is not None:
+            distributed.broadcast_parameters(module)  # every process starts from rank 0's weights
+    train_set = datasets(config, "train", shard=(rank, size))
+    val_set = datasets(config, "val") if lead else None
     deadline = None if time_limit is None else time.time() + 60 * time_limit
-    progress = _Progress(start, config.iterations)
+    progress = _Progress(start, config.iterations) if lead else None
     result: dict = history[-1] if history else {}
 
     def checkpoint(it: int) -> None:
@@ -283,6 +321,7 @@ def train(
             "history": history,
             "best": best,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "world_size": size,
             "fastmeta": fastmeta.__version__,
         }
         save_checkpoint(ckpt_path, state)
@@ -295,10 +334,15 @@ def train(
         if config.algo == "reptile":  # Nichol et al.: the outer step size anneals linearly to 0
             for group in opt.param_groups:
                 group["lr"] = config.meta_lr * (1 - it / config.iterations)
-        info = _step(config, model, lrs, opt, train_set[it])
+        late = lead and deadline is not None and time.time() > deadline
+        info = _step(config, model, lrs, opt, train_set[it], share, stop=late)
+        timed_out = info.pop("stop")
         it += 1
+        if not lead:
+            if timed_out:
+                break
+            continue
         progress.update(info)
-        timed_out = deadline is not None and time.time() > deadline
         if it % config.val_every == 0 or it == config.iterations or timed_out:
             v = evaluate_model(model, lrs, config, val_set, config.val_episodes, config.eval_inner_steps)
             result = {"iteration": it, "seconds": time.time() - tic, "train_loss": info["loss"], "val": v["mean"]}
@@ -315,7 +359,8 @@ def train(
         if timed_out:
             progress.write(f"time limit of {time_limit} min reached at iteration {it}: saved {ckpt_path}")
             break
-    progress.close()
+    if progress is not None:
+        progress.close()
     return result
 
 

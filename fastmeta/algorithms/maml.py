@@ -368,6 +368,12 @@ def adapted_names(model: nn.Module, adapt_params: Iterable[str] | Callable[[str]
     None: all that require grad), in the model's order."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError(
+            "model is a DistributedDataParallel, which synchronises gradients only through its own forward: pass "
+            "the module inside (model.module) and call fastmeta.distributed.all_reduce_gradients after backward, "
+            "or wrap in DDP a module whose forward runs the meta-step (see fastmeta.distributed)"
+        )
     all_names = [n for n, _ in model.named_parameters()]
     if adapt_params is None:
         names = [n for n, p in model.named_parameters() if p.requires_grad]

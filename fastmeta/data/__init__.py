@@ -1,9 +1,9 @@
 """Tasks for meta-learning: a batch of T tasks (each a support set to adapt on and a query set to evaluate), the
 episode sampler that makes them from labelled data, Omniglot and the sinusoid task family."""
 
-from fastmeta.data.episodes import EpisodeSampler
+from fastmeta.data.episodes import EpisodeSampler, shard_range
 from fastmeta.data.omniglot import Omniglot, load_omniglot, omniglot_split
 from fastmeta.data.sinusoid import SinusoidTasks
 from fastmeta.data.tasks import TaskBatch
 
-__all__ = ["TaskBatch", "EpisodeSampler", "SinusoidTasks", "Omniglot", "load_omniglot", "omniglot_split"]
+__all__ = ["TaskBatch", "EpisodeSampler", "SinusoidTasks", "Omniglot", "load_omniglot", "omniglot_split", "shard_range"]

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from fastmeta.data.tasks import TaskBatch
 
-__all__ = ["EpisodeSampler"]
+__all__ = ["EpisodeSampler", "shard_range"]
 
 
 class EpisodeSampler(torch.utils.data.Dataset):
@@ -18,13 +18,16 @@ class EpisodeSampler(torch.utils.data.Dataset):
     Each task draws `n_way` distinct classes and, from each, `k_shot + n_query` distinct examples; its labels
     are 0..n_way-1 in the order the classes were drawn, support and query grouped by class. Episode i depends
     only on (seed, i): reproducible, and the same whichever DataLoader worker makes it (use
-    `DataLoader(sampler, batch_size=None, num_workers=...)`).
+    `DataLoader(sampler, batch_size=None, num_workers=...)`). Task j of episode i depends only on (seed, i, j),
+    so `shard=(rank, world_size)` gives each process its own part of the same tasks
+    (`shard_range(tasks, rank, world_size)`): the union over the ranks is the unsharded batch.
 
     Args:
         data: either a class-major tensor (C, E, *x), E examples of each of C classes (uint8 images are scaled
             to [0, 1] floats), or any dataset whose items are (x, label) (labels from `data.targets` when it
             has them, else read once).
         length: the number of episodes (len(sampler)); indices past it are still valid.
+        shard: (rank, world_size): this process's tasks of each batch of `tasks` (torch.distributed).
     """
 
     def __init__(
@@ -36,6 +39,7 @@ class EpisodeSampler(torch.utils.data.Dataset):
         tasks: int = 1,
         seed: int = 0,
         length: int = 10**6,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         for name, value, low in (
             ("n_way", n_way, 1),
@@ -47,6 +51,7 @@ class EpisodeSampler(torch.utils.data.Dataset):
                 raise ValueError(f"EpisodeSampler: {name} must be an integer >= {low}, got {value!r}")
         self.data, self.n_way, self.k_shot, self.n_query, self.tasks = data, n_way, k_shot, n_query, tasks
         self.seed, self.length = seed, length
+        self.task_ids = shard_range(tasks, *shard)
         if isinstance(data, Tensor):
             if data.dim() < 2:
                 raise ValueError(
@@ -79,17 +84,18 @@ class EpisodeSampler(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> TaskBatch:
-        g = torch.Generator().manual_seed(_mix(self.seed, i))
         n, k, q = self.n_way, self.k_shot, self.n_query
         picks = []  # per task: (n_way classes, (n_way, k+q) example indices)
-        for _ in range(self.tasks):
+        episode = _mix(self.seed, i)
+        for j in self.task_ids:
+            g = torch.Generator().manual_seed(_mix(episode, j))
             classes = self.eligible[torch.randperm(len(self.eligible), generator=g)[:n]]
             examples = torch.stack(
                 [torch.randperm(self.class_sizes[c], generator=g)[: k + q] for c in classes.tolist()]
             )
             picks.append((classes, examples))
         x = torch.stack([self._gather(c, e) for c, e in picks])  # (T, n, k+q, *x)
-        y = torch.arange(n).view(1, n, 1).expand(self.tasks, n, k + q)
+        y = torch.arange(n).view(1, n, 1).expand(len(picks), n, k + q)
         flat = lambda t, a, b: t[:, :, a:b].reshape(t.shape[0], -1, *t.shape[3:])  # noqa: E731
         return TaskBatch(flat(x, 0, k), flat(y, 0, k), flat(x, k, k + q), flat(y, k, k + q))
 
@@ -107,6 +113,19 @@ def _labels(data: torch.utils.data.Dataset) -> Sequence:
     if targets is not None:
         return targets.tolist() if isinstance(targets, Tensor) else list(targets)
     return [int(data[i][1]) for i in range(len(data))]
+
+
+def shard_range(tasks: int, rank: int, world_size: int) -> range:
+    """The tasks of a meta-batch of `tasks` that process `rank` of `world_size` owns: a contiguous block,
+    sizes differing by at most one. Every rank owns at least one (tasks >= world_size)."""
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"shard: need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
+    if tasks < world_size:
+        raise ValueError(
+            f"shard: a meta-batch of {tasks} tasks cannot be split over {world_size} processes (each needs at least "
+            "one task): use a meta-batch of at least the world size"
+        )
+    return range(rank * tasks // world_size, (rank + 1) * tasks // world_size)
 
 
 def _mix(seed: int, i: int) -> int:

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from fastmeta.data.episodes import _mix
+from fastmeta.data.episodes import _mix, shard_range
 from fastmeta.data.tasks import TaskBatch
 
 __all__ = ["SinusoidTasks"]
@@ -15,7 +15,8 @@ __all__ = ["SinusoidTasks"]
 
 class SinusoidTasks(torch.utils.data.Dataset):
     """Item i: a TaskBatch of `tasks` sinusoids with k_shot support and n_query query points each, x and y of
-    shape (T, K, 1). Item i depends only on (seed, i). `amplitude` and `phase` ranges as in Finn et al."""
+    shape (T, K, 1). Item i depends only on (seed, i), its task j only on (seed, i, j); `shard=(rank,
+    world_size)` keeps this process's tasks (see EpisodeSampler). `amplitude` and `phase` ranges as in Finn et al."""
 
     def __init__(
         self,
@@ -27,23 +28,28 @@ class SinusoidTasks(torch.utils.data.Dataset):
         amplitude: tuple[float, float] = (0.1, 5.0),
         phase: tuple[float, float] = (0.0, math.pi),
         x_range: tuple[float, float] = (-5.0, 5.0),
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         for name, value, low in (("k_shot", k_shot, 1), ("n_query", n_query, 1), ("tasks", tasks, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"SinusoidTasks: {name} must be an integer >= {low}, got {value!r}")
         self.k_shot, self.n_query, self.tasks, self.seed, self.length = k_shot, n_query, tasks, seed, length
         self.amplitude, self.phase, self.x_range = amplitude, phase, x_range
+        self.task_ids = shard_range(tasks, *shard)
 
     def __len__(self) -> int:
         return self.length
 
     def sample(self, i: int) -> tuple[TaskBatch, torch.Tensor, torch.Tensor]:
         """(batch, amplitudes (T,), phases (T,)) of item i."""
-        g = torch.Generator().manual_seed(_mix(self.seed, i))
-        T, n = self.tasks, self.k_shot + self.n_query
-        amp = torch.empty(T, 1, 1).uniform_(*self.amplitude, generator=g)
-        phase = torch.empty(T, 1, 1).uniform_(*self.phase, generator=g)
-        x = torch.empty(T, n, 1).uniform_(*self.x_range, generator=g)
+        T, n = len(self.task_ids), self.k_shot + self.n_query
+        amp, phase, x = torch.empty(T, 1, 1), torch.empty(T, 1, 1), torch.empty(T, n, 1)
+        episode = _mix(self.seed, i)
+        for t, j in enumerate(self.task_ids):
+            g = torch.Generator().manual_seed(_mix(episode, j))
+            amp[t].uniform_(*self.amplitude, generator=g)
+            phase[t].uniform_(*self.phase, generator=g)
+            x[t].uniform_(*self.x_range, generator=g)
         y = amp * torch.sin(x - phase)
         k = self.k_shot
         return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:]), amp.view(T), phase.view(T)

@@ -1,0 +1,120 @@
+"""Meta-training over several processes and machines with torch.distributed (launched by torchrun).
+
+The meta-batch is sharded by task: each rank adapts its own tasks (`shard_range`; the samplers take
+`shard=(rank, world_size)`), computes the meta-gradient of its part, and `all_reduce_gradients` sums the parts
+weighted by their share of the tasks. Tasks are independent in MAML, Reptile and their kin (BatchNorm statistics
+are per task), so the result equals one process stepping on the union of the ranks' tasks, up to float rounding.
+
+Two ways to synchronise:
+- explicitly: `loss.backward()` (or `reptile_step`, which writes .grad itself), then
+  `all_reduce_gradients(params, weight=len(my_tasks) / total_tasks)`, then the optimiser step;
+- DistributedDataParallel around a module whose forward runs the meta-step and returns the loss (DDP only
+  synchronises gradients that a backward through its forward produces: not Reptile's, which are written
+  directly).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fastmeta.data.episodes import shard_range
+
+__all__ = ["world", "init_from_env", "shard_range", "all_reduce_gradients", "broadcast_parameters", "is_ddp"]
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of this process: (0, 1) when no process group is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_env(backend: str | None = None) -> tuple[int, int]:
+    """Initialises the default process group from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT) when WORLD_SIZE > 1 and no group exists yet. backend: "gloo" on CPUs, "nccl" where CUDA is
+    available (default). Returns (rank, world_size); (0, 1) for a plain single process."""
+    if dist.is_available() and dist.is_initialized():
+        return world()
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return 0, 1
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return world()
+
+
+def all_reduce_gradients(
+    params: Iterable[Tensor] | nn.Module, weight: float | None = None, extra: Tensor | None = None
+) -> Tensor | None:
+    """Replaces each parameter's .grad by the sum over ranks of `weight` * its .grad, in one all-reduce of a
+    flat buffer. weight: this rank's share of the meta-batch (its tasks / all tasks) when its loss is a mean
+    over its own tasks; default 1 / world_size (equal shares). A parameter without a gradient on any rank
+    keeps .grad None; one with a gradient on some ranks counts as zero on the others.
+
+    extra: a 1-d float tensor summed over ranks in the same all-reduce, unweighted (e.g. losses to log or a
+    stop flag); returned. Without a process group this only scales by `weight` (default 1)."""
+    params = list(params.parameters() if isinstance(params, nn.Module) else params)
+    rank, size = world()
+    if weight is None:
+        weight = 1.0 / size
+    grads = [p.grad for p in params]
+    present = [g is not None for g in grads]
+    if size == 1:
+        for g in grads:
+            if g is not None and weight != 1.0:
+                g.mul_(weight)
+        return extra
+    if not params and extra is None:
+        return None
+    ref = params[0] if params else extra
+    device, dtype = ref.device, torch.float64 if ref.dtype == torch.float64 else torch.float32
+    pieces = [
+        (g.detach().reshape(-1).to(dtype) * weight)
+        if g is not None
+        else torch.zeros(p.numel(), device=device, dtype=dtype)
+        for p, g in zip(params, grads)
+    ]
+    pieces.append(torch.tensor(present, device=device, dtype=dtype))
+    if extra is not None:
+        pieces.append(extra.detach().reshape(-1).to(device=device, dtype=dtype))
+    flat = torch.cat(pieces)
+    dist.all_reduce(flat)
+    total = sum(p.numel() for p in params)
+    anywhere = (flat[total : total + len(params)] > 0).tolist()  # one host sync, not one per parameter
+    offset = 0
+    for p, has_grad in zip(params, anywhere):
+        n = p.numel()
+        if has_grad:
+            g = flat[offset : offset + n].view_as(p).to(p.dtype)
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+        offset += n
+    if extra is None:
+        return None
+    return flat[total + len(params) :].to(extra.dtype).view_as(extra)
+
+
+def broadcast_parameters(module: nn.Module, src: int = 0) -> None:
+    """Copies rank `src`'s parameters and buffers to every rank (call once after building the model)."""
+    if world()[1] == 1:
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src)
+
+
+def is_ddp(model: nn.Module) -> bool:
+    """Whether `model` is wrapped in DistributedDataParallel."""
+    return isinstance(model, nn.parallel.DistributedDataParallel)
