@@ -13,9 +13,11 @@ __all__ = ["Conv4", "MLP"]
 class Conv4(nn.Sequential):
     """The standard few-shot backbone (Vinyals et al. 2016; Finn et al. 2017): 4 x [conv3x3 `hidden`,
     BatchNorm, ReLU, maxpool 2], then a linear head to `n_way` logits. Input (N, in_channels, S, S) in [0, 1];
-    output (N, n_way). BatchNorm uses batch statistics (no running statistics), as in MAML's code."""
+    output (N, n_way). BatchNorm uses batch statistics (no running statistics), as in MAML's code.
+    n_way=None: no head (nn.Identity), the embedding network of metric learners: output (N, hidden * (S//16)^2).
+    """
 
-    def __init__(self, n_way: int = 5, in_channels: int = 1, hidden: int = 64, image_size: int = 28) -> None:
+    def __init__(self, n_way: int | None = 5, in_channels: int = 1, hidden: int = 64, image_size: int = 28) -> None:
         blocks: list[nn.Module] = []
         size = image_size
         for i in range(4):
@@ -29,7 +31,9 @@ class Conv4(nn.Sequential):
         if size < 1:
             raise ValueError(f"Conv4: image_size must be at least 16, got {image_size}")
         features = nn.Sequential(*blocks, nn.Flatten())
-        super().__init__(OrderedDict(features=features, head=nn.Linear(hidden * size * size, n_way)))
+        head = nn.Identity() if n_way is None else nn.Linear(hidden * size * size, n_way)
+        super().__init__(OrderedDict(features=features, head=head))
+        self.embedding_size = hidden * size * size  # the features' output size
         self.config = {
             "model": "Conv4",
             "n_way": n_way,

@@ -11,11 +11,19 @@ from fastmeta.algorithms.maml import (
     msl_weights,
     task_losses,
 )
+from fastmeta.algorithms.matching import FullContextEmbedding, matching_log_probs, matching_step
+from fastmeta.algorithms.protonet import ProtoOutput, protonet_logits, protonet_step
 from fastmeta.algorithms.reptile import ReptileOutput, reptile_step
 
 __all__ = [
     "maml_step",
     "reptile_step",
+    "protonet_step",
+    "protonet_logits",
+    "ProtoOutput",
+    "matching_step",
+    "matching_log_probs",
+    "FullContextEmbedding",
     "ReptileOutput",
     "adapt",
     "task_losses",

@@ -1,0 +1,93 @@
+"""Prototypical networks (Snell, Swersky & Zemel 2017) over a batch of tasks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastmeta.algorithms._batched import runner, tasks_first
+from fastmeta.data import TaskBatch
+
+__all__ = ["ProtoOutput", "protonet_step", "protonet_logits", "class_prototypes", "squared_distances", "embed"]
+
+
+@dataclass
+class ProtoOutput:
+    """What protonet_step computed for T tasks.
+
+    loss: mean query cross-entropy over the tasks (0-d, differentiable). task_losses: (T,), differentiable.
+    accuracy: (T,) query accuracy. logits: (T, Nq, n_way) negative squared distances to the prototypes.
+    """
+
+    loss: Tensor
+    task_losses: Tensor
+    accuracy: Tensor
+    logits: Tensor
+
+
+def embed(model: nn.Module, x: Tensor, strategy: str = "auto") -> Tensor:
+    """`model` applied to each task's examples x (T, N, *x) -> (T, N, D), all tasks in one batched call.
+    BatchNorm in training mode (or without running statistics) normalises each task with its own batch
+    statistics, as an episode alone would be."""
+    if x.dim() < 3:
+        raise ValueError(f"embed: x must be (T, N, *x), got shape {tuple(x.shape)}")
+    run = runner(model, strategy)
+    out = tasks_first(run(dict(model.named_parameters()), x))
+    return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+def class_prototypes(support: Tensor, labels: Tensor, n_way: int) -> Tensor:
+    """The mean embedding of each class: support (T, Ns, D), labels (T, Ns) in [0, n_way) -> (T, n_way, D).
+    Every class needs at least one support example."""
+    if support.dim() != 3 or labels.shape != support.shape[:2]:
+        raise ValueError(
+            f"class_prototypes: support must be (T, Ns, D) and labels (T, Ns), got {tuple(support.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    if labels.numel() and (labels.min() < 0 or labels.max() >= n_way):
+        raise ValueError(f"class_prototypes: labels must be in [0, {n_way}), got [{labels.min()}, {labels.max()}]")
+    onehot = F.one_hot(labels.long(), n_way).to(support.dtype)  # (T, Ns, n_way)
+    counts = onehot.sum(1)  # (T, n_way)
+    if (counts == 0).any():
+        raise ValueError(f"class_prototypes: every task needs a support example of each of the {n_way} classes")
+    return torch.bmm(onehot.transpose(1, 2), support) / counts.unsqueeze(-1)
+
+
+def squared_distances(query: Tensor, prototypes: Tensor) -> Tensor:
+    """||q - c||^2 for every query and prototype: query (T, Nq, D), prototypes (T, C, D) -> (T, Nq, C), as one
+    batched matmul (|q|^2 + |c|^2 - 2 q.c), clamped at 0 against rounding."""
+    sq = query.pow(2).sum(-1, keepdim=True) + prototypes.pow(2).sum(-1).unsqueeze(1)
+    return torch.baddbmm(sq, query, prototypes.transpose(1, 2), alpha=-2).clamp_min(0)
+
+
+def protonet_logits(model: nn.Module, batch: TaskBatch, n_way: int | None = None, strategy: str = "auto") -> Tensor:
+    """Query logits (T, Nq, n_way): minus the squared distance of each query embedding to the class means of
+    its task's support embeddings. Support and query of a task are embedded together (one batch, as in
+    Snell et al.'s code). n_way: default 1 + the largest support label."""
+    if not isinstance(batch, TaskBatch):
+        raise TypeError(f"protonet: batch must be a fastmeta.TaskBatch, got {type(batch).__name__}")
+    if batch.support_y.dim() != 2 or batch.support_y.is_floating_point():
+        raise ValueError(
+            f"protonet: support_y must hold class indices (T, Ns), got {batch.support_y.dtype} "
+            f"{tuple(batch.support_y.shape)}"
+        )
+    if n_way is None:
+        n_way = int(batch.support_y.max()) + 1 if batch.support_y.numel() else 0
+    Ns = batch.support_x.shape[1]
+    z = embed(model, torch.cat([batch.support_x, batch.query_x], 1), strategy)
+    protos = class_prototypes(z[:, :Ns], batch.support_y, n_way)
+    return -squared_distances(z[:, Ns:], protos)
+
+
+def protonet_step(model: nn.Module, batch: TaskBatch, n_way: int | None = None, strategy: str = "auto") -> ProtoOutput:
+    """The prototypical-network loss of T tasks: cross-entropy of the query logits (protonet_logits) against
+    query_y; backward and an optimiser step train the embedding `model`."""
+    logits = protonet_logits(model, batch, n_way, strategy)
+    T, Nq, C = logits.shape
+    per_example = F.cross_entropy(logits.reshape(T * Nq, C), batch.query_y.reshape(-1).long(), reduction="none")
+    losses = per_example.view(T, Nq).mean(1)
+    accuracy = (logits.argmax(-1) == batch.query_y).float().mean(1).detach()
+    return ProtoOutput(losses.mean(), losses, accuracy, logits.detach())
