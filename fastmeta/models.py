@@ -7,7 +7,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-__all__ = ["Conv4", "MLP"]
+__all__ = ["Conv4", "MLP", "KochNet"]
 
 
 class Conv4(nn.Sequential):
@@ -57,6 +57,42 @@ class MLP(nn.Sequential):
         self.config = {"model": "MLP", "sizes": list(sizes)}
 
 
+class KochNet(nn.Sequential):
+    """The Siamese backbone of Koch, Zemel & Salakhutdinov (2015) for 105x105 Omniglot: conv 64@10x10,
+    maxpool, conv 128@7x7, maxpool, conv 128@4x4, maxpool, conv 256@4x4 (each with ReLU), then a sigmoid
+    linear layer to `embedding_size` (4096 in the paper). Input (N, in_channels, S, S), output
+    (N, embedding_size). Koch et al. add no BatchNorm; `batch_norm=True` adds one (batch statistics) after
+    each convolution, which makes it train far faster."""
+
+    def __init__(
+        self, in_channels: int = 1, image_size: int = 105, embedding_size: int = 4096, batch_norm: bool = False
+    ) -> None:
+        layers: list[nn.Module] = []
+        size, channels = image_size, in_channels
+        for i, (out, k) in enumerate(((64, 10), (128, 7), (128, 4), (256, 4))):
+            layers.append(nn.Conv2d(channels, out, k))
+            size, channels = size - k + 1, out
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out, track_running_stats=False))
+            layers.append(nn.ReLU())
+            if i < 3:
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+            if size < 1:
+                raise ValueError(f"KochNet: image_size {image_size} is too small (the paper uses 105; at least 65)")
+        features = nn.Sequential(*layers, nn.Flatten())
+        head = nn.Sequential(nn.Linear(channels * size * size, embedding_size), nn.Sigmoid())
+        super().__init__(OrderedDict(features=features, head=head))
+        self.embedding_size = embedding_size
+        self.config = {
+            "model": "KochNet",
+            "in_channels": in_channels,
+            "image_size": image_size,
+            "embedding_size": embedding_size,
+            "batch_norm": batch_norm,
+        }
+
+
 def from_config(config: dict) -> nn.Module:
     """The model a checkpoint's `config` describes (as in its `.config`)."""
     kind = config.get("model")
@@ -65,4 +101,6 @@ def from_config(config: dict) -> nn.Module:
         return Conv4(**args)
     if kind == "MLP":
         return MLP(tuple(args["sizes"]))
+    if kind == "KochNet":
+        return KochNet(**args)
     raise ValueError(f"unknown model {kind!r} in the checkpoint's config")
