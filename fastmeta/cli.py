@@ -1,6 +1,6 @@
 """`python -m fastmeta`: the command line.
 
-python -m fastmeta train [--algo maml|fomaml|metasgd|reptile|pretrain] [--dataset sinusoid|omniglot --data PATH] ...
+python -m fastmeta train [--algo maml|fomaml|metasgd|reptile|metalstm|snail|protonet|matching|siamese|pretrain]
 python -m fastmeta eval CHECKPOINT [--episodes 1000]
 python -m fastmeta bench [--device cpu|cuda] [--op all|fast_weight_update|contrastive|maml] [--json FILE]
 """
@@ -105,15 +105,44 @@ def _train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    rank, size = distributed.init_from_env()  # under torchrun: one process group over all the processes
     try:
-        return _train_in(args, rank, size)
+        device = _device(args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one GPU per process
+        local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= gpus:
+            print(
+                f"error: torchrun started more processes on this machine than its {gpus} GPU(s): use "
+                f"--nproc-per-node {gpus}, or --device cpu",
+                file=sys.stderr,
+            )
+            return 2
+        device = torch.device("cuda", local)
+    # under torchrun: one process group over all the processes (NCCL between GPUs, gloo between CPUs)
+    rank, size = distributed.init_from_env("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train_in(args, rank, size, device)
     finally:
         if size > 1:
             torch.distributed.destroy_process_group()
 
 
-def _train_in(args: argparse.Namespace, rank: int, size: int) -> int:
+def _device(name: str | None) -> torch.device:
+    """--device: default cuda where available, else cpu."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is visible")
+    return device
+
+
+def _train_in(args: argparse.Namespace, rank: int, size: int, device: torch.device) -> int:
     from fastmeta.train import RunConfig, train
 
     try:
@@ -123,6 +152,7 @@ def _train_in(args: argparse.Namespace, rank: int, size: int) -> int:
             data=args.data,
             split=args.split,
             n_way=args.n_way,
+            train_way=args.train_way,
             k_shot=args.k_shot,
             n_query=args.n_query,
             meta_batch=args.meta_batch,
@@ -130,10 +160,14 @@ def _train_in(args: argparse.Namespace, rank: int, size: int) -> int:
             eval_inner_steps=args.eval_inner_steps,
             inner_lr=args.inner_lr,
             meta_lr=args.meta_lr,
+            schedule=args.schedule,
             iterations=args.iterations,
             val_every=args.val_every,
             val_episodes=args.val_episodes,
             seed=args.seed,
+            backbone=args.backbone,
+            image_size=args.image_size,
+            extra={k: v for k, v in (("fce", args.fce), ("margin", args.margin), ("pairs", args.pairs)) if v} or None,
         )
         out = [args.out or _default_out(config, args.resume)]
         if size > 1:  # rank 0 names the folder: the others could see it already made and number theirs apart
@@ -141,7 +175,7 @@ def _train_in(args: argparse.Namespace, rank: int, size: int) -> int:
         if rank == 0:
             where = f" on {size} processes" if size > 1 else ""
             print(f"fastmeta {config.algo} on {config.dataset}{where}: writing {out[0]}/", flush=True)
-        result = train(config, out[0], resume=args.resume, time_limit=args.time_limit, plot=args.plot)
+        result = train(config, out[0], resume=args.resume, time_limit=args.time_limit, plot=args.plot, device=device)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"error{f' (rank {rank})' if size > 1 else ''}: {e}", file=sys.stderr)
         return 2
@@ -151,20 +185,25 @@ def _train_in(args: argparse.Namespace, rank: int, size: int) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from fastmeta.train import evaluate
+    from fastmeta.train import METRIC, evaluate
 
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        r = evaluate(args.checkpoint, args.episodes, args.part, args.inner_steps, args.data, args.tasks_per_batch)
+        device = _device(args.device)
+        r = evaluate(
+            args.checkpoint, args.episodes, args.part, args.inner_steps, args.data, args.tasks_per_batch, device
+        )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     c = r["config"]
     what = f"{c['n_way']}-way {c['k_shot']}-shot" if c["dataset"] == "omniglot" else f"{c['k_shot']}-shot"
     scale, unit = (100, "%") if r["metric"] == "accuracy" else (1, "")
+    adapts = c["algo"] not in METRIC + ("snail",)  # these read the support set, with no inner steps
+    steps = f", {r['inner_steps']} inner steps" if adapts else ""
     print(
-        f"{c['algo']} {c['dataset']} {what}, {args.part} split, {r['tasks']} tasks, {r['inner_steps']} inner steps: "
+        f"{c['algo']} {c['dataset']} {what}, {args.part} split, {r['tasks']} tasks{steps}: "
         f"{r['metric']} {scale * r['mean']:.2f}{unit} +- {scale * r['ci95']:.2f}{unit} (95% CI)"
     )
     if args.json:
@@ -208,7 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     from fastmeta.train import ALGOS, DATASETS
 
     t = sub.add_parser("train", help="meta-train a model (default: MAML on sinusoid regression)")
-    t.add_argument("--algo", choices=ALGOS, default="maml", help="pretrain: the joint-training sinusoid baseline")
+    t.add_argument(
+        "--algo",
+        choices=ALGOS,
+        default="maml",
+        help="gradient-based: maml, fomaml, metasgd, reptile; model-based: metalstm, snail; metric: protonet, "
+        "matching, siamese; pretrain: the joint-training sinusoid baseline",
+    )
     t.add_argument("--dataset", choices=DATASETS, default="sinusoid")
     t.add_argument("--data", default=None, help="Omniglot: a torchvision-style folder or the folder of the zips")
     t.add_argument("--split", choices=["vinyals", "lake"], default=None, help="Omniglot split (default vinyals)")
@@ -217,9 +262,22 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--time-limit", type=float, default=None, help="minutes; then save and stop")
     t.add_argument("--plot", action="store_true", help="write <out>/curve.png (needs matplotlib)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available)")
+    t.add_argument("--fce", type=int, default=None, metavar="STEPS", help="matching: full-context embeddings")
+    t.add_argument("--margin", type=float, default=None, help="siamese: contrastive margin (default 1)")
+    t.add_argument(
+        "--pairs", choices=["all_pairs", "pairs"], default=None,
+        help="siamese: every pair of an episode (default) or each query with each support example",
+    )  # fmt: skip
+    t.add_argument("--backbone", choices=["conv4", "koch"], default=None, help="metric learners' embedding")
+    t.add_argument("--image-size", type=int, default=None, help="Omniglot images resized to this (default 28)")
+    t.add_argument(
+        "--schedule", choices=["constant", "linear", "cosine"], default=None,
+        help="meta learning rate over --iterations, to 0 (default: linear for reptile, else constant)",
+    )  # fmt: skip
     for name, kind in (
-        ("n-way", int), ("k-shot", int), ("n-query", int), ("meta-batch", int), ("inner-steps", int),
-        ("eval-inner-steps", int), ("inner-lr", float), ("meta-lr", float), ("iterations", int),
+        ("n-way", int), ("train-way", int), ("k-shot", int), ("n-query", int), ("meta-batch", int),
+        ("inner-steps", int), ("eval-inner-steps", int), ("inner-lr", float), ("meta-lr", float), ("iterations", int),
         ("val-every", int), ("val-episodes", int), ("seed", int),
     ):  # fmt: skip
         t.add_argument(f"--{name}", type=kind, default=None, help="default: per dataset (see fastmeta.train)")
@@ -233,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--data", default=None, help="Omniglot location, if not where the run found it")
     e.add_argument("--tasks-per-batch", type=int, default=50)
     e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available)")
     e.add_argument("--json", default=None, help="also write the result to this JSON file")
     e.set_defaults(func=_eval)
     args = parser.parse_args(argv)

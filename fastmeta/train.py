@@ -19,11 +19,19 @@ from torch import nn
 
 import fastmeta
 from fastmeta import distributed
-from fastmeta.algorithms import MetaSGDLR, adapt, maml_step, reptile_step, task_losses
+from fastmeta.algorithms import MetaSGDLR, adapt, maml_step, protonet_step, reptile_step, task_losses
+from fastmeta.algorithms.matching import FullContextEmbedding, matching_step
+from fastmeta.algorithms.meta_lstm import MetaLSTM, meta_lstm_step
+from fastmeta.algorithms.protonet import ProtoOutput
+from fastmeta.algorithms.siamese import siamese_step
+from fastmeta.algorithms.snail import SNAIL, snail_step
 from fastmeta.data import EpisodeSampler, SinusoidTasks, load_omniglot, omniglot_split
 from fastmeta.models import from_config
 
-ALGOS = ("maml", "fomaml", "metasgd", "reptile", "pretrain")
+ALGOS = ("maml", "fomaml", "metasgd", "reptile", "pretrain", "metalstm", "snail", "protonet", "matching", "siamese")
+METRIC = ("protonet", "matching", "siamese")  # learners that classify by comparing embeddings: no head, no inner loop
+BACKBONES = ("conv4", "koch")
+SCHEDULES = (None, "constant", "linear", "cosine")
 DATASETS = ("sinusoid", "omniglot")
 
 # Per dataset: what a run uses unless told otherwise (Finn et al. 2017's settings, fewer iterations).
@@ -37,6 +45,9 @@ DEFAULTS = {
         iterations=20000, val_every=500, val_episodes=8,
     ),
 }  # fmt: skip
+# Per (dataset, algo), on top: the Meta-LSTM reads T * P coordinates (P = 112k for a Conv4) through its LSTM at
+# every update, so it takes fewer tasks per step, and the paper's 5 updates.
+ALGO_DEFAULTS = {("omniglot", "metalstm"): dict(meta_batch=8, inner_steps=5, eval_inner_steps=5)}
 
 
 @dataclass
@@ -48,6 +59,7 @@ class RunConfig:
     data: str | None = None  # Omniglot folder or zips (see fastmeta.data.omniglot)
     split: str = "vinyals"
     n_way: int = 5
+    train_way: int | None = None  # metric learners: classes per training episode (None: n_way)
     k_shot: int = 1
     n_query: int = 5
     meta_batch: int = 32
@@ -55,11 +67,14 @@ class RunConfig:
     eval_inner_steps: int = 3
     inner_lr: float = 0.4
     meta_lr: float = 1e-3
+    schedule: str | None = None  # meta_lr over the iterations: constant, linear or cosine (to 0); None: per algo
     iterations: int = 20000
     val_every: int = 500
     val_episodes: int = 8  # validation batches of meta_batch tasks each
     seed: int = 0
     hidden: int = 64
+    backbone: str = "conv4"  # conv4, or koch (Koch et al.'s Siamese network, for 105x105 images)
+    image_size: int = 28
     extra: dict = field(default_factory=dict)
 
     @staticmethod
@@ -67,7 +82,8 @@ class RunConfig:
         """The defaults of `dataset` with `overrides` (None values ignored)."""
         if dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
-        values = {**DEFAULTS[dataset], **{k: v for k, v in overrides.items() if v is not None}}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        values = {**DEFAULTS[dataset], **ALGO_DEFAULTS.get((dataset, given.get("algo", "maml")), {}), **given}
         names = {f.name for f in fields(RunConfig)}
         unknown = set(values) - names
         if unknown:
@@ -81,12 +97,40 @@ class RunConfig:
             raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
         if self.algo == "pretrain" and self.dataset != "sinusoid":
             raise ValueError("algo 'pretrain' (the joint-training baseline) is for the sinusoid dataset")
+        if self.algo in METRIC + ("snail",) and self.dataset == "sinusoid":
+            raise ValueError(f"algo {self.algo!r} classifies: use --dataset omniglot")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.backbone == "koch" and self.algo not in METRIC:
+            raise ValueError(f"the koch backbone is an embedding network, for the metric learners {METRIC}")
+        for key, algo in (("fce", "matching"), ("margin", "siamese"), ("pairs", "siamese")):
+            if self.extra.get(key) is not None and self.algo != algo:
+                raise ValueError(f"{key} is for {algo}, not {self.algo!r}")
+        if self.extra.get("pairs") not in (None, "all_pairs", "pairs"):
+            raise ValueError(f"pairs must be all_pairs or pairs, got {self.extra['pairs']!r}")
+        if self.train_way is not None and self.algo not in METRIC:
+            raise ValueError(
+                f"train_way is for metric learners {METRIC}: the head of {self.algo!r} has n_way={self.n_way} outputs"
+            )
         for name in ("k_shot", "meta_batch", "iterations", "val_every", "val_episodes", "hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES[1:]}, got {self.schedule!r}")
         for name in ("inner_steps", "eval_inner_steps", "n_query"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def lr_at(self, it: int) -> float:
+        """The meta learning rate of iteration `it`: Reptile's anneals linearly to 0 (Nichol et al.) unless a
+        schedule says otherwise; the others' stay constant."""
+        schedule = self.schedule or ("linear" if self.algo == "reptile" else "constant")
+        done = it / self.iterations
+        if schedule == "linear":
+            return self.meta_lr * (1 - done)
+        if schedule == "cosine":
+            return self.meta_lr * 0.5 * (1 + math.cos(math.pi * done))
+        return self.meta_lr
 
     @property
     def loss_fn(self) -> Callable:
@@ -95,13 +139,33 @@ class RunConfig:
     def model_config(self) -> dict:
         if self.dataset == "sinusoid":
             return {"model": "MLP", "sizes": [1, 40, 40, 1]}
-        return {"model": "Conv4", "n_way": self.n_way, "in_channels": 1, "hidden": self.hidden, "image_size": 28}
+        if self.backbone == "koch":
+            return {"model": "KochNet", "in_channels": 1, "image_size": self.image_size, "embedding_size": 4096}
+        n_way = None if self.algo in METRIC + ("snail",) else self.n_way  # an embedding network
+        return {
+            "model": "Conv4",
+            "n_way": n_way,
+            "in_channels": 1,
+            "hidden": self.hidden,
+            "image_size": self.image_size,
+        }
 
 
-def build_model(config: RunConfig) -> tuple[nn.Module, MetaSGDLR | None]:
+def build_model(config: RunConfig, device: str | torch.device = "cpu") -> tuple[nn.Module, nn.Module | None]:
+    """The run's model (on `device`) and the other module it learns, if any: Meta-SGD's inner rates
+    (MetaSGDLR) or the full-context embeddings of matching networks."""
     model = from_config(config.model_config())
-    lrs = MetaSGDLR(model, init=config.inner_lr) if config.algo == "metasgd" else None
-    return model, lrs
+    if config.algo == "metalstm":  # the learner inside its meta-learner: one module, one state dict
+        model = MetaLSTM(model, hidden=20)
+    elif config.algo == "snail":
+        model = SNAIL(config.n_way, config.k_shot, model, model.embedding_size)
+    model = model.to(device)
+    aux: nn.Module | None = None
+    if config.algo == "metasgd":
+        aux = MetaSGDLR(model, init=config.inner_lr)
+    elif config.algo == "matching" and config.extra.get("fce"):
+        aux = FullContextEmbedding(model.embedding_size, steps=int(config.extra["fce"]))
+    return model, aux if aux is None else aux.to(device)
 
 
 def datasets(config: RunConfig, part: str = "train", shard: tuple[int, int] = (0, 1)) -> torch.utils.data.Dataset:
@@ -110,15 +174,14 @@ def datasets(config: RunConfig, part: str = "train", shard: tuple[int, int] = (0
     seed = config.seed * 1000 + {"train": 0, "val": 1, "trainval": 0, "test": 2}[part]
     if config.dataset == "sinusoid":
         return SinusoidTasks(config.k_shot, config.n_query, config.meta_batch, seed=seed, shard=shard)
+    n_way = config.train_way or config.n_way if part in ("train", "trainval") else config.n_way
     if config.data is None:
         raise FileNotFoundError(
             "omniglot needs --data PATH: a folder with omniglot-py/images_background/ and images_evaluation/ "
             "(torchvision's layout), or with images_background.zip and images_evaluation.zip"
         )
-    images = omniglot_split(load_omniglot(config.data), config.split, part)
-    return EpisodeSampler(
-        images, config.n_way, config.k_shot, config.n_query, config.meta_batch, seed=seed, shard=shard
-    )
+    images = omniglot_split(load_omniglot(config.data, config.image_size), config.split, part)
+    return EpisodeSampler(images, n_way, config.k_shot, config.n_query, config.meta_batch, seed=seed, shard=shard)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -147,7 +210,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 def _step(
     config: RunConfig,
     model: nn.Module,
-    lrs: MetaSGDLR | None,
+    aux: nn.Module | None,
     opt: torch.optim.Optimizer,
     batch,  # noqa: ANN001
     share: float = 1.0,
@@ -157,34 +220,54 @@ def _step(
     and accuracy) are summed over them weighted by `share`, this process's fraction of the meta-batch, and
     `stop` is true on every process when it is on any."""
     opt.zero_grad(set_to_none=True)
-    if config.algo == "reptile":
+    if config.algo == "reptile":  # writes the Reptile direction into .grad
         out = reptile_step(model, batch, config.inner_lr, config.inner_steps, config.loss_fn)
         loss = out.task_losses.mean()
     else:
-        steps = 0 if config.algo == "pretrain" else config.inner_steps
-        if config.algo == "pretrain":  # joint training on every point of every task, no adaptation
-            joint = type(batch)(
-                batch.support_x, batch.support_y, torch.cat([batch.support_x, batch.query_x], 1),
-                torch.cat([batch.support_y, batch.query_y], 1),
-            )  # fmt: skip
-            batch = joint
-        out = maml_step(
-            model, batch, lrs if lrs is not None else config.inner_lr, steps, config.algo == "fomaml", config.loss_fn
-        )
+        out = _objective(config, model, aux, batch)
         out.loss.backward()
         loss = out.loss.detach()
     acc = torch.nan if out.accuracy is None else out.accuracy.float().mean().item()
     stats = torch.tensor([loss.item() * share, acc * share, float(stop)], dtype=torch.float64)
     params = [p for group in opt.param_groups for p in group["params"]]
     stats = distributed.all_reduce_gradients(params, share, stats)
+    if config.algo == "metalstm":
+        torch.nn.utils.clip_grad_norm_(params, 0.25)  # Ravi & Larochelle clip the meta-gradient's norm to 0.25
     opt.step()
     loss, acc, stop = stats.tolist()
     return {"loss": loss, "accuracy": None if math.isnan(acc) else acc, "stop": stop > 0}
 
 
+def _objective(config: RunConfig, model: nn.Module, aux: nn.Module | None, batch):  # noqa: ANN001, ANN202
+    """The meta-training objective of one batch (an output with .loss, .accuracy) for every algo but Reptile."""
+    if config.algo in METRIC:
+        return _metric_step(config, model, aux, batch, config.train_way or config.n_way)
+    if config.algo == "snail":
+        return snail_step(model, batch)
+    if config.algo == "metalstm":
+        return meta_lstm_step(model, batch, config.inner_steps, config.loss_fn)
+    if config.algo == "pretrain":  # joint training on every point of every task, no adaptation
+        x = torch.cat([batch.support_x, batch.query_x], 1)
+        y = torch.cat([batch.support_y, batch.query_y], 1)
+        return maml_step(
+            model, type(batch)(batch.support_x, batch.support_y, x, y), config.inner_lr, 0, False, config.loss_fn
+        )
+    inner_lr = aux if config.algo == "metasgd" else config.inner_lr
+    return maml_step(model, batch, inner_lr, config.inner_steps, config.algo == "fomaml", config.loss_fn)
+
+
+def _metric_step(config: RunConfig, model: nn.Module, aux: nn.Module | None, batch, n_way: int) -> ProtoOutput:  # noqa: ANN001
+    if config.algo == "protonet":
+        return protonet_step(model, batch, n_way)
+    if config.algo == "siamese":
+        extra = config.extra
+        return siamese_step(model, batch, extra.get("margin") or 1.0, extra.get("pairs") or "all_pairs", n_way)
+    return matching_step(model, batch, n_way, fce=aux)
+
+
 def evaluate_model(
     model: nn.Module,
-    lrs: MetaSGDLR | None,
+    aux: nn.Module | None,
     config: RunConfig,
     episodes: torch.utils.data.Dataset,
     batches: int,
@@ -193,12 +276,23 @@ def evaluate_model(
     """Mean query accuracy (classification) or MSE (regression) after adapting to each task's support set,
     with its 95% confidence interval over the tasks: {"metric", "mean", "ci95", "tasks"}."""
     values = []
+    device = next(model.parameters()).device
     was_training = model.training
     for i in range(batches):
-        b = episodes[i]
-        inner_lr = lrs if lrs is not None else config.inner_lr
-        adapted = adapt(model, b.support_x, b.support_y, inner_lr, inner_steps, config.loss_fn)
-        pred = adapted(b.query_x)
+        b = episodes[i].to(device)
+        if config.algo in METRIC:
+            with torch.no_grad():
+                pred = _metric_step(config, model, aux, b, config.n_way).logits
+        elif config.algo == "snail":
+            with torch.no_grad():
+                pred = model(b)
+        elif config.algo == "metalstm":
+            with torch.no_grad():  # the inner gradients are still taken; no graph is kept across the steps
+                fast = model.adapt(b.support_x, b.support_y, inner_steps, config.loss_fn)[0]
+                pred = model.predict(fast, b.query_x)
+        else:
+            inner_lr = aux if config.algo == "metasgd" else config.inner_lr
+            pred = adapt(model, b.support_x, b.support_y, inner_lr, inner_steps, config.loss_fn)(b.query_x)
         if config.dataset == "sinusoid":
             values.append(task_losses(config.loss_fn, pred, b.query_y))
         else:
@@ -248,13 +342,18 @@ class _Progress:
 
 
 def train(
-    config: RunConfig, out: str | os.PathLike, resume: bool = False, time_limit: float | None = None, plot: bool = False
+    config: RunConfig,
+    out: str | os.PathLike,
+    resume: bool = False,
+    time_limit: float | None = None,
+    plot: bool = False,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Meta-trains per `config`, writing out/checkpoint.pt (latest, every validation), out/best.pt (best
     validation), out/history.jsonl and, with `plot`, out/curve.png. Returns the last validation result.
 
     resume: continue from out/checkpoint.pt (its config must equal `config`). time_limit: minutes, after which
-    the run saves and stops.
+    the run saves and stops. device: where the model and the episodes go (a run may resume on another).
 
     Under torch.distributed (torchrun; see fastmeta.distributed) each process meta-trains on its share of every
     meta-batch of `config.meta_batch` tasks and the meta-gradients are summed: the same tasks and, up to float
@@ -270,9 +369,9 @@ def train(
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    model, lrs = build_model(config)
+    model, aux = build_model(config, device)
     share = len(distributed.shard_range(config.meta_batch, rank, size)) / config.meta_batch
-    params = list(model.parameters()) + (list(lrs.parameters()) if lrs is not None else [])
+    params = list(model.parameters()) + (list(aux.parameters()) if aux is not None else [])
     opt: torch.optim.Optimizer
     if config.algo == "reptile":
         opt = torch.optim.SGD(params, lr=config.meta_lr)
@@ -288,7 +387,7 @@ def train(
                 f"--resume: {ckpt_path} was written by a run with other settings (saved, now): {diff}; "
                 "resume with the same settings or write to another --out"
             )
-        _load_states(state, model, lrs, opt, ckpt_path)
+        _load_states(state, model, aux, opt, ckpt_path)
         start, history, best = state["iteration"], state["history"], state.get("best")
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
@@ -301,7 +400,7 @@ def train(
                 "the same meta-gradients",
                 flush=True,
             )
-    for module in (model, lrs):
+    for module in (model, aux):
         if module is not None:
             distributed.broadcast_parameters(module)  # every process starts from rank 0's weights
     train_set = datasets(config, "train", shard=(rank, size))
@@ -315,7 +414,7 @@ def train(
             "config": asdict(config),
             "model_config": config.model_config(),
             "model": model.state_dict(),
-            "inner_lr": lrs.state_dict() if lrs is not None else None,
+            "aux": aux.state_dict() if aux is not None else None,
             "optimizer": opt.state_dict(),
             "iteration": it,
             "history": history,
@@ -331,11 +430,10 @@ def train(
     tic = time.time()
     it = start
     while it < config.iterations:
-        if config.algo == "reptile":  # Nichol et al.: the outer step size anneals linearly to 0
-            for group in opt.param_groups:
-                group["lr"] = config.meta_lr * (1 - it / config.iterations)
+        for group in opt.param_groups:
+            group["lr"] = config.lr_at(it)
         late = lead and deadline is not None and time.time() > deadline
-        info = _step(config, model, lrs, opt, train_set[it], share, stop=late)
+        info = _step(config, model, aux, opt, train_set[it].to(device), share, stop=late)
         timed_out = info.pop("stop")
         it += 1
         if not lead:
@@ -344,7 +442,7 @@ def train(
             continue
         progress.update(info)
         if it % config.val_every == 0 or it == config.iterations or timed_out:
-            v = evaluate_model(model, lrs, config, val_set, config.val_episodes, config.eval_inner_steps)
+            v = evaluate_model(model, aux, config, val_set, config.val_episodes, config.eval_inner_steps)
             result = {"iteration": it, "seconds": time.time() - tic, "train_loss": info["loss"], "val": v["mean"]}
             result["val_ci95"] = v["ci95"]
             history.append(result)
@@ -364,11 +462,11 @@ def train(
     return result
 
 
-def _load_states(state: dict, model: nn.Module, lrs: MetaSGDLR | None, opt, path: Path) -> None:  # noqa: ANN001
+def _load_states(state: dict, model: nn.Module, aux: nn.Module | None, opt, path: Path) -> None:  # noqa: ANN001
     try:
         model.load_state_dict(state["model"])
-        if lrs is not None:
-            lrs.load_state_dict(state["inner_lr"])
+        if aux is not None:
+            aux.load_state_dict(state["aux"] if "aux" in state else state["inner_lr"])
     except (RuntimeError, TypeError) as e:
         raise ValueError(
             f"{path} holds a different model ({state.get('model_config')}) than this run builds: {e}"
@@ -412,6 +510,7 @@ def evaluate(
     inner_steps: int | None = None,
     data: str | None = None,
     tasks_per_batch: int = 50,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Meta-tests a checkpoint: `episodes` tasks of `part`, each adapted with `inner_steps` (default: the
     run's eval_inner_steps) steps. Returns {"metric", "mean", "ci95", "tasks", "config"}."""
@@ -419,12 +518,12 @@ def evaluate(
     config = RunConfig(**state["config"])
     if data is not None:
         config.data = data
-    model, lrs = build_model(config)
-    _load_states(state, model, lrs, None, Path(checkpoint))
+    model, aux = build_model(config, device)
+    _load_states(state, model, aux, None, Path(checkpoint))
     eval_config = RunConfig(**{**asdict(config), "meta_batch": tasks_per_batch})
     batches = math.ceil(episodes / tasks_per_batch)
     steps = config.eval_inner_steps if inner_steps is None else inner_steps
-    result = evaluate_model(model, lrs, config, datasets(eval_config, part), batches, steps)
+    result = evaluate_model(model, aux, config, datasets(eval_config, part), batches, steps)
     result["config"] = asdict(config)
     result["inner_steps"] = steps
     return result

@@ -98,7 +98,20 @@ def test_two_processes_give_the_single_process_meta_gradient(tmp_path):
     assert "DistributedDataParallel" in got["ddp error"] and "all_reduce_gradients" in got["ddp error"]
 
 
-SIN = ["--iterations", "6", "--val-every", "3", "--val-episodes", "2", "--meta-batch", "5", "--inner-steps", "2"]
+SIN = [
+    "--device",
+    "cpu",
+    "--iterations",
+    "6",
+    "--val-every",
+    "3",
+    "--val-episodes",
+    "2",
+    "--meta-batch",
+    "5",
+    "--inner-steps",
+    "2",
+]
 
 
 def _params(path: Path) -> dict:
@@ -137,7 +150,7 @@ def test_torchrun_train_equals_one_process(tmp_path, capsys, algo):
 def test_meta_batch_smaller_than_the_world_is_refused(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "fastmeta"]
-    cmd += ["train", "--meta-batch", "1", "--iterations", "2", "--out", str(tmp_path / "r")]
+    cmd += ["train", "--device", "cpu", "--meta-batch", "1", "--iterations", "2", "--out", str(tmp_path / "r")]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
     assert "meta-batch of 1 tasks cannot be split over 2 processes" in done.stderr

@@ -1,6 +1,7 @@
 """`python -m fastmeta train|eval`: runs, atomic checkpoints, resume, errors."""
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def run(args, capsys):
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("algo", ["maml", "fomaml", "metasgd", "reptile", "pretrain"])
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "metasgd", "reptile", "pretrain", "metalstm"])
 def test_sinusoid_runs_checkpoints_and_evaluates(tmp_path, capsys, algo):
     out = tmp_path / "run"
     extra = ["--meta-lr", "0.5"] if algo == "reptile" else []
@@ -32,7 +33,7 @@ def test_sinusoid_runs_checkpoints_and_evaluates(tmp_path, capsys, algo):
     assert state["iteration"] == 30 and len(state["history"]) == 3 and (out / "best.pt").is_file()
     assert len((out / "history.jsonl").read_text().splitlines()) == 3
     if algo == "metasgd":
-        assert state["inner_lr"] is not None
+        assert state["aux"] is not None
     code, stdout, err = run(["eval", str(out / "checkpoint.pt"), "--episodes", "100"], capsys)
     assert code == 0, err
     assert f"{algo} sinusoid 10-shot, test split, 100 tasks, 1 inner steps: mse" in stdout and "(95% CI)" in stdout
@@ -104,6 +105,18 @@ def test_train_errors(tmp_path, capsys):
     assert code == 2 and "Omniglot not found under" in err
     code, _, err = run(["train", "--algo", "pretrain", "--dataset", "omniglot", "--out", str(tmp_path / "c")], capsys)
     assert code == 2 and "pretrain" in err
+    code, _, err = run(["train", "--algo", "protonet", "--out", str(tmp_path / "d")], capsys)
+    assert code == 2 and "'protonet' classifies: use --dataset omniglot" in err
+    code, _, err = run(["train", "--algo", "snail", "--out", str(tmp_path / "d2")], capsys)
+    assert code == 2 and "'snail' classifies: use --dataset omniglot" in err
+    code, _, err = run(["train", "--dataset", "omniglot", "--train-way", "20", "--out", str(tmp_path / "f")], capsys)
+    assert code == 2 and "train_way is for metric learners" in err
+    code, _, err = run(["train", "--fce", "3", "--out", str(tmp_path / "g")], capsys)
+    assert code == 2 and "fce is for matching, not 'maml'" in err
+    code, _, err = run(["train", "--margin", "3", "--out", str(tmp_path / "h")], capsys)
+    assert code == 2 and "margin is for siamese" in err
+    code, _, err = run(["train", "--dataset", "omniglot", "--backbone", "koch", "--out", str(tmp_path / "i")], capsys)
+    assert code == 2 and "koch backbone is an embedding network" in err
     if OMNIGLOT.is_dir():
         code, _, err = run(
             [
@@ -129,14 +142,23 @@ def test_train_errors(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not OMNIGLOT.is_dir(), reason=f"the Omniglot zips are not at {OMNIGLOT}")
-def test_omniglot_run(tmp_path, capsys):
+@pytest.mark.parametrize("algo", ["maml", "metalstm", "snail", "protonet", "matching", "siamese"])
+def test_omniglot_run(tmp_path, capsys, algo):
     out = tmp_path / "run"
-    args = ["train", "--dataset", "omniglot", "--data", str(OMNIGLOT), "--out", str(out), "--meta-batch", "2"]
-    code, _, err = run(args + ["--iterations", "3", "--val-every", "3", "--val-episodes", "1"], capsys)
+    args = ["train", "--algo", algo, "--dataset", "omniglot", "--data", str(OMNIGLOT), "--out", str(out)]
+    args += ["--meta-batch", "2", "--iterations", "3", "--val-every", "3", "--val-episodes", "1"]
+    if algo == "protonet":
+        args += ["--train-way", "12"]  # Snell et al. train with more classes than they test
+    if algo == "matching":
+        args += ["--fce", "2"]
+    if algo == "siamese":
+        args += ["--margin", "2", "--pairs", "pairs"]
+    code, _, err = run(args, capsys)
     assert code == 0, err
     code, stdout, err = run(["eval", str(out / "best.pt"), "--episodes", "20", "--tasks-per-batch", "10"], capsys)
     assert code == 0, err
-    assert "maml omniglot 5-way 1-shot, test split, 20 tasks, 3 inner steps: accuracy" in stdout
+    steps = {"maml": ", 3 inner steps", "metalstm": ", 5 inner steps"}.get(algo, "")  # metric learners: none
+    assert f"{algo} omniglot 5-way 1-shot, test split, 20 tasks{steps}: accuracy" in stdout
 
 
 def test_plot_writes_a_learning_curve_or_says_what_is_missing(tmp_path, capsys):
@@ -160,3 +182,36 @@ def test_default_run_folders_are_numbered(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["train", "--resume", "--iterations", "4", "--val-every", "2", "--val-episodes", "1"]) == 2
     assert "runs/maml-sinusoid-2/checkpoint.pt was written by a run with other settings" in capsys.readouterr().err
+
+
+def test_meta_lr_schedules(tmp_path):
+    constant = RunConfig.make("sinusoid", iterations=100, meta_lr=1.0)
+    assert constant.lr_at(0) == constant.lr_at(99) == 1.0
+    reptile = RunConfig.make("sinusoid", algo="reptile", iterations=100, meta_lr=1.0)
+    assert reptile.lr_at(25) == 0.75  # Nichol et al.'s linear annealing by default
+    cosine = RunConfig.make("sinusoid", iterations=100, meta_lr=1.0, schedule="cosine")
+    assert cosine.lr_at(0) == 1.0 and cosine.lr_at(50) == pytest.approx(0.5) and cosine.lr_at(100) == pytest.approx(0)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        RunConfig.make("sinusoid", schedule="step")
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--iterations", "8", "--val-every", "8", "--schedule", "cosine"]) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["config"]["schedule"] == "cosine"
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+
+
+def test_train_and_eval_on_a_device(tmp_path, capsys, device):
+    out = tmp_path / "run"
+    code, _, err = run(["train", "--out", str(out), "--device", device, "--algo", "metasgd"] + QUICK, capsys)
+    assert code == 0, err
+    code, stdout, err = run(["eval", str(out / "best.pt"), "--episodes", "50", "--device", device], capsys)
+    assert code == 0 and "mse" in stdout, err
+    code, _, err = run(["train", "--out", str(tmp_path / "x"), "--device", "tpu:7"] + QUICK, capsys)
+    assert code == 2 and "--device" in err
+
+
+def test_per_algorithm_defaults():
+    assert RunConfig.make("omniglot", algo="metalstm").meta_batch == 8  # T * P LSTM rows: fewer tasks
+    assert RunConfig.make("omniglot", algo="metalstm", meta_batch=3).meta_batch == 3  # what the user says wins
+    assert RunConfig.make("omniglot", algo="maml").meta_batch == 32
+    assert RunConfig.make("sinusoid", algo="metalstm").meta_batch == 25
