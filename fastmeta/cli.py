@@ -165,6 +165,7 @@ def _train_in(args: argparse.Namespace, rank: int, size: int, device: torch.devi
             val_every=args.val_every,
             val_episodes=args.val_episodes,
             seed=args.seed,
+            hidden=args.hidden,
             backbone=args.backbone,
             image_size=args.image_size,
             extra={k: v for k, v in (("fce", args.fce), ("margin", args.margin), ("pairs", args.pairs)) if v} or None,
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, kind in (
         ("n-way", int), ("train-way", int), ("k-shot", int), ("n-query", int), ("meta-batch", int),
         ("inner-steps", int), ("eval-inner-steps", int), ("inner-lr", float), ("meta-lr", float), ("iterations", int),
-        ("val-every", int), ("val-episodes", int), ("seed", int),
+        ("val-every", int), ("val-episodes", int), ("seed", int), ("hidden", int),
     ):  # fmt: skip
         t.add_argument(f"--{name}", type=kind, default=None, help="default: per dataset (see fastmeta.train)")
     t.set_defaults(func=_train)

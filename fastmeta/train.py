@@ -38,7 +38,7 @@ DATASETS = ("sinusoid", "omniglot")
 DEFAULTS = {
     "sinusoid": dict(
         k_shot=10, n_query=10, meta_batch=25, inner_steps=1, eval_inner_steps=1, inner_lr=0.01, meta_lr=1e-3,
-        iterations=20000, val_every=2000, val_episodes=40,
+        iterations=20000, val_every=2000, val_episodes=40, hidden=40,
     ),
     "omniglot": dict(
         n_way=5, k_shot=1, n_query=5, meta_batch=32, inner_steps=1, eval_inner_steps=3, inner_lr=0.4, meta_lr=1e-3,
@@ -138,7 +138,7 @@ class RunConfig:
 
     def model_config(self) -> dict:
         if self.dataset == "sinusoid":
-            return {"model": "MLP", "sizes": [1, 40, 40, 1]}
+            return {"model": "MLP", "sizes": [1, self.hidden, self.hidden, 1]}
         if self.backbone == "koch":
             return {"model": "KochNet", "in_channels": 1, "image_size": self.image_size, "embedding_size": 4096}
         n_way = None if self.algo in METRIC + ("snail",) else self.n_way  # an embedding network
@@ -151,10 +151,12 @@ class RunConfig:
         }
 
 
-def build_model(config: RunConfig, device: str | torch.device = "cpu") -> tuple[nn.Module, nn.Module | None]:
-    """The run's model (on `device`) and the other module it learns, if any: Meta-SGD's inner rates
-    (MetaSGDLR) or the full-context embeddings of matching networks."""
-    model = from_config(config.model_config())
+def build_model(
+    config: RunConfig, device: str | torch.device = "cpu", model_config: dict | None = None
+) -> tuple[nn.Module, nn.Module | None]:
+    """The run's model (on `device`; `model_config`: a checkpoint's, else the config's) and the other module it
+    learns, if any: Meta-SGD's inner rates (MetaSGDLR) or the full-context embeddings of matching networks."""
+    model = from_config(model_config or config.model_config())
     if config.algo == "metalstm":  # the learner inside its meta-learner: one module, one state dict
         model = MetaLSTM(model, hidden=20)
     elif config.algo == "snail":
@@ -518,7 +520,7 @@ def evaluate(
     config = RunConfig(**state["config"])
     if data is not None:
         config.data = data
-    model, aux = build_model(config, device)
+    model, aux = build_model(config, device, state.get("model_config"))
     _load_states(state, model, aux, None, Path(checkpoint))
     eval_config = RunConfig(**{**asdict(config), "meta_batch": tasks_per_batch})
     batches = math.ceil(episodes / tasks_per_batch)

@@ -11,10 +11,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fastmeta import MetaSGDLR, distributed, maml_step, reptile_step
+from fastmeta.algorithms import protonet_step, siamese_step
 from fastmeta.data import EpisodeSampler
 from fastmeta.models import Conv4
 
-MODES = ("maml", "fomaml", "metasgd", "reptile")
+MODES = ("maml", "fomaml", "metasgd", "reptile", "protonet", "siamese")
 
 
 class MetaStep(nn.Module):
@@ -46,6 +47,10 @@ def meta_gradients(tasks: int) -> dict:
         if mode == "reptile":
             out = reptile_step(model, batch, 0.1, 2)
             loss = out.task_losses.mean()
+        elif mode in ("protonet", "siamese"):  # metric learners: the Conv4's logits as the embedding
+            out = protonet_step(model, batch) if mode == "protonet" else siamese_step(model, batch)
+            out.loss.backward()
+            loss = out.loss.detach()
         else:
             out = maml_step(model, batch, lrs if mode == "metasgd" else 0.1, 2, first_order=mode == "fomaml")
             out.loss.backward()
