@@ -520,7 +520,12 @@ def evaluate(
     config = RunConfig(**state["config"])
     if data is not None:
         config.data = data
-    model, aux = build_model(config, device, state.get("model_config"))
+    saved = state.get("model_config") or config.model_config()
+    if saved.get("model") != config.model_config()["model"]:  # e.g. an MLP's weights under a Conv4 run's config
+        raise ValueError(
+            f"{checkpoint} holds a different model ({saved}) than its run's settings build ({config.model_config()})"
+        )
+    model, aux = build_model(config, device, saved)  # the checkpoint's own (e.g. runs before --hidden)
     _load_states(state, model, aux, None, Path(checkpoint))
     eval_config = RunConfig(**{**asdict(config), "meta_batch": tasks_per_batch})
     batches = math.ceil(episodes / tasks_per_batch)
