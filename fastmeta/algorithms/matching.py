@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastmeta.algorithms.protonet import ProtoOutput, embed
+from fastmeta.algorithms.protonet import ProtoOutput, check_episodes, classification_output, embed
 from fastmeta.data import TaskBatch
 
 __all__ = ["FullContextEmbedding", "matching_log_probs", "matching_step"]
@@ -57,15 +57,7 @@ def matching_log_probs(
     softmax over the task's support set of `scale` * the cosine similarity of the embeddings (Vinyals et al.:
     scale 1). Support and query are embedded together (one BatchNorm batch per task); with `fce`, through full-
     context embeddings. n_way: default 1 + the largest support label."""
-    if not isinstance(batch, TaskBatch):
-        raise TypeError(f"matching: batch must be a fastmeta.TaskBatch, got {type(batch).__name__}")
-    if batch.support_y.dim() != 2 or batch.support_y.is_floating_point():
-        raise ValueError(
-            f"matching: support_y must hold class indices (T, Ns), got {batch.support_y.dtype} "
-            f"{tuple(batch.support_y.shape)}"
-        )
-    if n_way is None:
-        n_way = int(batch.support_y.max()) + 1 if batch.support_y.numel() else 0
+    n_way = check_episodes(batch, "matching", n_way)
     if batch.support_y.numel() and (batch.support_y.min() < 0 or batch.support_y.max() >= n_way):
         raise ValueError(f"matching: support_y must be in [0, {n_way})")
     Ns = batch.support_x.shape[1]
@@ -91,9 +83,5 @@ def matching_step(
 ) -> ProtoOutput:
     """The matching-network loss of T tasks: the negative log-likelihood of query_y under
     matching_log_probs; `logits` of the result are those log-probabilities."""
-    log_probs = matching_log_probs(model, batch, n_way, fce, scale, strategy)
-    T, Nq, C = log_probs.shape
-    per_example = F.nll_loss(log_probs.reshape(T * Nq, C), batch.query_y.reshape(-1).long(), reduction="none")
-    losses = per_example.view(T, Nq).mean(1)
-    accuracy = (log_probs.argmax(-1) == batch.query_y).float().mean(1).detach()
-    return ProtoOutput(losses.mean(), losses, accuracy, log_probs.detach())
+    # log-probabilities as logits: their cross-entropy is the negative log-likelihood
+    return classification_output(matching_log_probs(model, batch, n_way, fce, scale, strategy), batch.query_y)

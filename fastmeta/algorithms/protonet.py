@@ -28,6 +28,31 @@ class ProtoOutput:
     logits: Tensor
 
 
+def check_episodes(batch: TaskBatch, who: str, n_way: int | None) -> int:
+    """Raises naming the argument unless `batch` is a TaskBatch of classification episodes (support_y and
+    query_y class indices (T, N)); returns n_way (default: 1 + the largest support label)."""
+    if not isinstance(batch, TaskBatch):
+        raise TypeError(f"{who}: batch must be a fastmeta.TaskBatch, got {type(batch).__name__}")
+    for name in ("support_y", "query_y"):
+        y = getattr(batch, name)
+        if y.dim() != 2 or y.is_floating_point():
+            raise ValueError(f"{who}: {name} must hold class indices (T, N), got {y.dtype} {tuple(y.shape)}")
+    if n_way is None:
+        return int(batch.support_y.max()) + 1 if batch.support_y.numel() else 0
+    return n_way
+
+
+def classification_output(logits: Tensor, query_y: Tensor, losses: Tensor | None = None) -> ProtoOutput:
+    """The ProtoOutput of query logits (T, Nq, C) against query_y (T, Nq): per-task mean cross-entropy (or the
+    given per-task `losses`), their mean, accuracy, and the detached logits."""
+    T, Nq, C = logits.shape
+    if losses is None:
+        per_example = F.cross_entropy(logits.reshape(T * Nq, C), query_y.reshape(-1).long(), reduction="none")
+        losses = per_example.view(T, Nq).mean(1)
+    accuracy = (logits.detach().argmax(-1) == query_y).float().mean(1)
+    return ProtoOutput(losses.mean(), losses, accuracy, logits.detach())
+
+
 def embed(model: nn.Module, x: Tensor, strategy: str = "auto") -> Tensor:
     """`model` applied to each task's examples x (T, N, *x) -> (T, N, D), all tasks in one batched call.
     BatchNorm in training mode (or without running statistics) normalises each task with its own batch
@@ -67,15 +92,7 @@ def protonet_logits(model: nn.Module, batch: TaskBatch, n_way: int | None = None
     """Query logits (T, Nq, n_way): minus the squared distance of each query embedding to the class means of
     its task's support embeddings. Support and query of a task are embedded together (one batch, as in
     Snell et al.'s code). n_way: default 1 + the largest support label."""
-    if not isinstance(batch, TaskBatch):
-        raise TypeError(f"protonet: batch must be a fastmeta.TaskBatch, got {type(batch).__name__}")
-    if batch.support_y.dim() != 2 or batch.support_y.is_floating_point():
-        raise ValueError(
-            f"protonet: support_y must hold class indices (T, Ns), got {batch.support_y.dtype} "
-            f"{tuple(batch.support_y.shape)}"
-        )
-    if n_way is None:
-        n_way = int(batch.support_y.max()) + 1 if batch.support_y.numel() else 0
+    n_way = check_episodes(batch, "protonet", n_way)
     Ns = batch.support_x.shape[1]
     z = embed(model, torch.cat([batch.support_x, batch.query_x], 1), strategy)
     protos = class_prototypes(z[:, :Ns], batch.support_y, n_way)
@@ -85,9 +102,4 @@ def protonet_logits(model: nn.Module, batch: TaskBatch, n_way: int | None = None
 def protonet_step(model: nn.Module, batch: TaskBatch, n_way: int | None = None, strategy: str = "auto") -> ProtoOutput:
     """The prototypical-network loss of T tasks: cross-entropy of the query logits (protonet_logits) against
     query_y; backward and an optimiser step train the embedding `model`."""
-    logits = protonet_logits(model, batch, n_way, strategy)
-    T, Nq, C = logits.shape
-    per_example = F.cross_entropy(logits.reshape(T * Nq, C), batch.query_y.reshape(-1).long(), reduction="none")
-    losses = per_example.view(T, Nq).mean(1)
-    accuracy = (logits.argmax(-1) == batch.query_y).float().mean(1).detach()
-    return ProtoOutput(losses.mean(), losses, accuracy, logits.detach())
+    return classification_output(protonet_logits(model, batch, n_way, strategy), batch.query_y)

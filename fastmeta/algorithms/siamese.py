@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmeta import ops
-from fastmeta.algorithms.protonet import ProtoOutput, embed, squared_distances
+from fastmeta.algorithms.protonet import ProtoOutput, check_episodes, classification_output, embed, squared_distances
 from fastmeta.data import TaskBatch
 
 __all__ = ["siamese_step", "nearest_support_logits"]
@@ -42,16 +42,9 @@ def siamese_step(
     Same class = pulled together, different = pushed past `margin`. The result's logits (T, Nq, n_way) and
     accuracy are those of classifying each query by its nearest support embedding (nearest_support_logits).
     """
-    if not isinstance(batch, TaskBatch):
-        raise TypeError(f"siamese: batch must be a fastmeta.TaskBatch, got {type(batch).__name__}")
+    n_way = check_episodes(batch, "siamese", n_way)
     if mode not in MODES:
         raise ValueError(f"siamese: mode must be one of {MODES}, got {mode!r}")
-    for name in ("support_y", "query_y"):
-        y = getattr(batch, name)
-        if y.dim() != 2 or y.is_floating_point():
-            raise ValueError(f"siamese: {name} must hold class indices (T, N), got {y.dtype} {tuple(y.shape)}")
-    if n_way is None:
-        n_way = int(batch.support_y.max()) + 1 if batch.support_y.numel() else 0
     Ns = batch.support_x.shape[1]
     z = embed(model, torch.cat([batch.support_x, batch.query_x], 1), strategy)
     support, query = z[:, :Ns], z[:, Ns:]
@@ -65,5 +58,4 @@ def siamese_step(
         same = batch.query_y.unsqueeze(2) == batch.support_y.unsqueeze(1)  # (T, Nq, Ns)
         losses = ops.contrastive_loss(x1, x2, same.reshape(-1), margin, reduction="none").view(T, Nq * Ns).mean(1)
     logits = nearest_support_logits(support.detach(), batch.support_y, query.detach(), n_way)
-    accuracy = (logits.argmax(-1) == batch.query_y).float().mean(1)
-    return ProtoOutput(losses.mean(), losses, accuracy, logits)
+    return classification_output(logits, batch.query_y, losses)

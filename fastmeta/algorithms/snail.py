@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastmeta.algorithms.protonet import ProtoOutput, embed
+from fastmeta.algorithms.protonet import ProtoOutput, check_episodes, classification_output, embed
 from fastmeta.data import TaskBatch
 
 __all__ = ["SNAIL", "snail_step", "DenseBlock", "TCBlock", "AttentionBlock"]
@@ -90,16 +90,13 @@ class SNAIL(nn.Module):
 
     def forward(self, batch: TaskBatch, strategy: str = "auto") -> Tensor:
         """Query logits (T, Nq, n_way) of a batch of n_way-way k_shot-shot tasks."""
-        if not isinstance(batch, TaskBatch):
-            raise TypeError(f"SNAIL: batch must be a fastmeta.TaskBatch, got {type(batch).__name__}")
+        check_episodes(batch, "SNAIL", self.n_way)
         T, Ns = batch.support_y.shape[:2]
         if Ns != self.n_way * self.k_shot:
             raise ValueError(
                 f"SNAIL: built for {self.n_way}-way {self.k_shot}-shot sequences of {self.n_way * self.k_shot} support "
                 f"examples, got {Ns}"
             )
-        if batch.support_y.is_floating_point() or batch.support_y.dim() != 2:
-            raise ValueError("SNAIL: support_y must hold class indices (T, Ns)")
         z = embed(self.embedding, torch.cat([batch.support_x, batch.query_x], 1), strategy)
         support, query = z[:, :Ns], z[:, Ns:]
         Nq, E = query.shape[1], z.shape[-1]
@@ -114,9 +111,4 @@ class SNAIL(nn.Module):
 
 def snail_step(model: SNAIL, batch: TaskBatch, strategy: str = "auto") -> ProtoOutput:
     """The SNAIL loss of T tasks: cross-entropy of each query's prediction at the end of its sequence."""
-    logits = model(batch, strategy)
-    T, Nq, C = logits.shape
-    per_example = F.cross_entropy(logits.reshape(T * Nq, C), batch.query_y.reshape(-1).long(), reduction="none")
-    losses = per_example.view(T, Nq).mean(1)
-    accuracy = (logits.argmax(-1) == batch.query_y).float().mean(1).detach()
-    return ProtoOutput(losses.mean(), losses, accuracy, logits.detach())
+    return classification_output(model(batch, strategy), batch.query_y)
