@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import episodes, meta_train, separable_classes
 
 from fastmeta import TaskBatch
 from fastmeta.algorithms.matching import FullContextEmbedding, matching_log_probs, matching_step
-from fastmeta.data import EpisodeSampler
 from fastmeta.models import MLP, Conv4
 
 
@@ -25,11 +25,6 @@ def loop_matching(model, batch, n_way, scale=1.0, fce=None):
         probs = torch.stack([a[:, sy == c].sum(1) for c in range(n_way)], -1)
         out.append(probs.log())
     return torch.stack(out)
-
-
-def episodes(shape, n_way, k_shot, n_query, tasks, seed=0):
-    data = torch.rand(n_way + 3, k_shot + n_query + 1, *shape, dtype=torch.float64)
-    return EpisodeSampler(data, n_way, k_shot, n_query, tasks=tasks, seed=seed)[seed]
 
 
 @pytest.mark.parametrize(
@@ -82,18 +77,10 @@ def test_bad_input():
 
 
 def test_learns_separable_classes():
-    g = torch.Generator().manual_seed(0)
-    centres = torch.randn(20, 8, generator=g)
-    data = centres.unsqueeze(1) + 0.5 * torch.randn(20, 10, 8, generator=g)
-    sampler = EpisodeSampler(data, 5, 1, 4, tasks=8, seed=1)
+    sampler = separable_classes(5, 1, 4, tasks=8)
     torch.manual_seed(0)
     model = MLP((8, 32, 16))
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
     before = matching_step(model, sampler[1000], 5, scale=10).accuracy.mean()
-    for i in range(60):
-        out = matching_step(model, sampler[i], 5, scale=10)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
+    meta_train(lambda b: matching_step(model, b, 5, scale=10), model.parameters(), sampler, 60, 1e-2)
     after = matching_step(model, sampler[1000], 5, scale=10).accuracy.mean()
     assert after > before + 0.1 and after > 0.8

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import episodes, meta_train, separable_classes
 from torch.func import functional_call
 
 from fastmeta import TaskBatch
 from fastmeta.algorithms.meta_lstm import MetaLSTM, meta_lstm_step, preprocess
-from fastmeta.data import EpisodeSampler
 from fastmeta.models import MLP, Conv4
 
 
@@ -38,11 +38,6 @@ def loop_meta_lstm(meta, batch, steps):
         q = functional_call(learner, theta, (batch.query_x[t],))
         losses.append(F.cross_entropy(q, batch.query_y[t]))
     return torch.stack(losses)
-
-
-def episodes(shape, n_way, k_shot, n_query, tasks, seed=0):
-    data = torch.rand(n_way + 3, k_shot + n_query + 1, *shape, dtype=torch.float64)
-    return EpisodeSampler(data, n_way, k_shot, n_query, tasks=tasks, seed=seed)[seed]
 
 
 @pytest.mark.parametrize(
@@ -115,18 +110,10 @@ def test_bad_input():
 def test_learns_to_adapt():
     """Meta-training raises the query accuracy after adaptation on episodes of separable classes with
     shuffled labels (only adaptation can tell which label is which)."""
-    g = torch.Generator().manual_seed(0)
-    centres = torch.randn(20, 8, generator=g) * 2
-    data = centres.unsqueeze(1) + 0.5 * torch.randn(20, 10, 8, generator=g)
-    sampler = EpisodeSampler(data, 3, 2, 3, tasks=8, seed=1)
+    sampler = separable_classes(3, 2, 3, tasks=8, spread=2.0)
     torch.manual_seed(0)
     meta = MetaLSTM(MLP((8, 16, 3)))
-    opt = torch.optim.Adam(meta.parameters(), 1e-2)
     before = meta_lstm_step(meta, sampler[1000], 3).accuracy.mean()
-    for i in range(80):
-        out = meta_lstm_step(meta, sampler[i], 3)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
+    meta_train(lambda b: meta_lstm_step(meta, b, 3), meta.parameters(), sampler, 80, 1e-2)
     after = meta_lstm_step(meta, sampler[1000], 3).accuracy.mean()
     assert after > before + 0.2 and after > 0.75

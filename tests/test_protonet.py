@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import episodes, meta_train, separable_classes
 
 from fastmeta import TaskBatch
 from fastmeta.algorithms.protonet import class_prototypes, protonet_logits, protonet_step, squared_distances
-from fastmeta.data import EpisodeSampler
 from fastmeta.models import MLP, Conv4
 
 
@@ -23,11 +23,6 @@ def loop_protonet(model, batch, n_way):
         logits.append(lg)
         losses.append(F.cross_entropy(lg, qy))
     return torch.stack(logits), torch.stack(losses)
-
-
-def episodes(shape, n_way, k_shot, n_query, tasks, seed=0):
-    data = torch.rand(n_way + 3, k_shot + n_query + 1, *shape, dtype=torch.float64)
-    return EpisodeSampler(data, n_way, k_shot, n_query, tasks=tasks, seed=seed)[seed]
 
 
 @pytest.mark.parametrize(
@@ -96,17 +91,9 @@ def test_class_prototypes_and_bad_input():
 
 def test_learns_separable_classes():
     """A few steps on episodes of well-separated Gaussian classes raise the query accuracy."""
-    g = torch.Generator().manual_seed(0)
-    centres = torch.randn(20, 8, generator=g)
-    data = centres.unsqueeze(1) + 0.5 * torch.randn(20, 10, 8, generator=g)
-    sampler = EpisodeSampler(data, 5, 1, 4, tasks=8, seed=1)
+    sampler = separable_classes(5, 1, 4, tasks=8)
     model = MLP((8, 32, 16))
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
     before = protonet_step(model, sampler[1000], 5).accuracy.mean()
-    for i in range(60):
-        out = protonet_step(model, sampler[i], 5)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
+    meta_train(lambda b: protonet_step(model, b, 5), model.parameters(), sampler, 60, 1e-2)
     after = protonet_step(model, sampler[1000], 5).accuracy.mean()
     assert after > before + 0.1 and after > 0.8

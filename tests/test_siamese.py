@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from helpers import episodes, meta_train, separable_classes
 
 from fastmeta import TaskBatch, reference
 from fastmeta.algorithms.siamese import nearest_support_logits, siamese_step
-from fastmeta.data import EpisodeSampler
 from fastmeta.models import MLP, Conv4, KochNet, from_config
 
 
@@ -23,11 +23,6 @@ def loop_siamese(model, batch, margin, mode):
             x1, x2 = zq[[i for i, _ in pairs]], zs[[j for _, j in pairs]]
             losses.append(reference.contrastive_loss(x1, x2, same, margin))
     return torch.stack(losses)
-
-
-def episodes(shape, n_way, k_shot, n_query, tasks, seed=0):
-    data = torch.rand(n_way + 3, k_shot + n_query + 1, *shape, dtype=torch.float64)
-    return EpisodeSampler(data, n_way, k_shot, n_query, tasks=tasks, seed=seed)[seed]
 
 
 @pytest.mark.parametrize(
@@ -74,19 +69,11 @@ def test_bad_input():
 
 @pytest.mark.parametrize("mode", ["all_pairs", "pairs"])
 def test_learns_separable_classes(mode):
-    g = torch.Generator().manual_seed(0)
-    centres = torch.randn(20, 8, generator=g)
-    data = centres.unsqueeze(1) + 0.5 * torch.randn(20, 10, 8, generator=g)
-    sampler = EpisodeSampler(data, 5, 1, 4, tasks=8, seed=1)
+    sampler = separable_classes(5, 1, 4, tasks=8)
     torch.manual_seed(0)
     model = MLP((8, 32, 16))
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
     before = siamese_step(model, sampler[1000], mode=mode).accuracy.mean()
-    for i in range(60):
-        out = siamese_step(model, sampler[i], mode=mode)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
+    meta_train(lambda b: siamese_step(model, b, mode=mode), model.parameters(), sampler, 60, 1e-2)
     after = siamese_step(model, sampler[1000], mode=mode).accuracy.mean()
     assert after > before + 0.1 and after > 0.8
 

@@ -3,16 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import episodes, meta_train, separable_classes
 
 from fastmeta import TaskBatch
 from fastmeta.algorithms.snail import SNAIL, AttentionBlock, DenseBlock, TCBlock, snail_step
-from fastmeta.data import EpisodeSampler
 from fastmeta.models import MLP, Conv4
-
-
-def episodes(shape, n_way, k_shot, n_query, tasks, seed=0):
-    data = torch.rand(n_way + 3, k_shot + n_query + 1, *shape, dtype=torch.float64)
-    return EpisodeSampler(data, n_way, k_shot, n_query, tasks=tasks, seed=seed)[seed]
 
 
 def loop_snail(model, batch):
@@ -86,19 +81,11 @@ def test_bad_input():
 
 def test_learns_from_the_support_labels():
     """Classes are separable, but their labels are drawn per episode: only reading the support pairs helps."""
-    g = torch.Generator().manual_seed(0)
-    centres = torch.randn(20, 8, generator=g) * 2
-    data = centres.unsqueeze(1) + 0.3 * torch.randn(20, 10, 8, generator=g)
-    sampler = EpisodeSampler(data, 3, 1, 3, tasks=8, seed=1)
-    held_out = EpisodeSampler(data, 3, 1, 3, tasks=32, seed=2)[0]
+    sampler = separable_classes(3, 1, 3, tasks=8, spread=2.0, noise=0.3)
+    held_out = separable_classes(3, 1, 3, tasks=32, spread=2.0, noise=0.3, seed=2)[0]
     torch.manual_seed(0)
     model = SNAIL(3, 1, MLP((8, 32, 16)), 16)
-    opt = torch.optim.Adam(model.parameters(), 2e-3)
     before = snail_step(model, held_out).accuracy.mean()
-    for i in range(80):
-        out = snail_step(model, sampler[i])
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
+    meta_train(lambda b: snail_step(model, b), model.parameters(), sampler, 80, 2e-3)
     after = snail_step(model, held_out).accuracy.mean()
     assert after > before + 0.2 and after > 0.6
