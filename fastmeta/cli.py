@@ -186,7 +186,7 @@ def _train_in(args: argparse.Namespace, rank: int, size: int, device: torch.devi
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from fastmeta.train import METRIC, evaluate
+    from fastmeta.train import EPISODIC, evaluate
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -201,7 +201,7 @@ def _eval(args: argparse.Namespace) -> int:
     c = r["config"]
     what = f"{c['n_way']}-way {c['k_shot']}-shot" if c["dataset"] == "omniglot" else f"{c['k_shot']}-shot"
     scale, unit = (100, "%") if r["metric"] == "accuracy" else (1, "")
-    adapts = c["algo"] not in METRIC + ("snail",)  # these read the support set, with no inner steps
+    adapts = c["algo"] not in EPISODIC
     steps = f", {r['inner_steps']} inner steps" if adapts else ""
     print(
         f"{c['algo']} {c['dataset']} {what}, {args.part} split, {r['tasks']} tasks{steps}: "

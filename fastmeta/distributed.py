@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from fastmeta.data.episodes import shard_range
 
-__all__ = ["world", "init_from_env", "shard_range", "all_reduce_gradients", "broadcast_parameters", "is_ddp"]
+__all__ = ["world", "init_from_env", "shard_range", "all_reduce_gradients", "broadcast_parameters"]
 
 
 def world() -> tuple[int, int]:
@@ -113,8 +113,3 @@ def broadcast_parameters(module: nn.Module, src: int = 0) -> None:
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t.data, src)
-
-
-def is_ddp(model: nn.Module) -> bool:
-    """Whether `model` is wrapped in DistributedDataParallel."""
-    return isinstance(model, nn.parallel.DistributedDataParallel)

@@ -30,6 +30,7 @@ from fastmeta.models import from_config
 
 ALGOS = ("maml", "fomaml", "metasgd", "reptile", "pretrain", "metalstm", "snail", "protonet", "matching", "siamese")
 METRIC = ("protonet", "matching", "siamese")  # learners that classify by comparing embeddings: no head, no inner loop
+EPISODIC = METRIC + ("snail",)  # read the support set itself: an embedding network, no inner steps
 BACKBONES = ("conv4", "koch")
 SCHEDULES = (None, "constant", "linear", "cosine")
 DATASETS = ("sinusoid", "omniglot")
@@ -97,7 +98,7 @@ class RunConfig:
             raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
         if self.algo == "pretrain" and self.dataset != "sinusoid":
             raise ValueError("algo 'pretrain' (the joint-training baseline) is for the sinusoid dataset")
-        if self.algo in METRIC + ("snail",) and self.dataset == "sinusoid":
+        if self.algo in EPISODIC and self.dataset == "sinusoid":
             raise ValueError(f"algo {self.algo!r} classifies: use --dataset omniglot")
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
@@ -141,7 +142,7 @@ class RunConfig:
             return {"model": "MLP", "sizes": [1, self.hidden, self.hidden, 1]}
         if self.backbone == "koch":
             return {"model": "KochNet", "in_channels": 1, "image_size": self.image_size, "embedding_size": 4096}
-        n_way = None if self.algo in METRIC + ("snail",) else self.n_way  # an embedding network
+        n_way = None if self.algo in EPISODIC else self.n_way  # an embedding network
         return {
             "model": "Conv4",
             "n_way": n_way,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastmeta.algorithms.protonet import ProtoOutput, check_episodes, classification_output, embed
+from fastmeta.algorithms.protonet import ProtoOutput, check_episodes, classification_output, embed_episodes
 from fastmeta.data import TaskBatch
 
 __all__ = ["FullContextEmbedding", "matching_log_probs", "matching_step"]
@@ -60,15 +60,13 @@ def matching_log_probs(
     n_way = check_episodes(batch, "matching", n_way)
     if batch.support_y.numel() and (batch.support_y.min() < 0 or batch.support_y.max() >= n_way):
         raise ValueError(f"matching: support_y must be in [0, {n_way})")
-    Ns = batch.support_x.shape[1]
-    z = embed(model, torch.cat([batch.support_x, batch.query_x], 1), strategy)
-    support, query = z[:, :Ns], z[:, Ns:]
+    support, query = embed_episodes(model, batch, strategy)
     if fce is not None:
         support, query = fce(support, query)
     similarity = torch.bmm(F.normalize(query, dim=-1), F.normalize(support, dim=-1).transpose(1, 2))
     attention = torch.log_softmax(scale * similarity, -1)  # (T, Nq, Ns)
     # log sum over the support examples of each class, in log space (no log of a 0 probability)
-    onehot = F.one_hot(batch.support_y.long(), n_way).to(z.dtype)  # (T, Ns, n_way)
+    onehot = F.one_hot(batch.support_y.long(), n_way).to(support.dtype)  # (T, Ns, n_way)
     mask = torch.where(onehot > 0, 0.0, -math.inf).unsqueeze(1)  # (T, 1, Ns, n_way)
     return torch.logsumexp(attention.unsqueeze(-1) + mask, dim=2)
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from fastmeta import ops
 from fastmeta.algorithms._batched import runner, tasks_first
-from fastmeta.algorithms.maml import MAMLOutput, _accuracy, task_losses
+from fastmeta.algorithms.maml import MAMLOutput, _accuracy, _per_task_weights, task_losses
 from fastmeta.data import TaskBatch
 
 __all__ = ["MetaLSTM", "preprocess", "meta_lstm_step"]
@@ -90,7 +90,7 @@ class MetaLSTM(nn.Module):
         support_losses = []
         outer = torch.is_grad_enabled()  # else (evaluation) each step's fast weights are new leaves
         for _ in range(steps):
-            per_task = [f if f.dim() > p.dim() else f.expand(T, *f.shape) for f, p in zip(fast, shared)]
+            per_task = list(_per_task_weights(named, names, fast, T).values())
             with torch.enable_grad():  # the inner gradients, also when called under no_grad (evaluation)
                 inputs = per_task if outer else [f.detach().requires_grad_() for f in per_task]
                 pred = tasks_first(run(dict(zip(names, inputs)), support_x))
@@ -108,9 +108,8 @@ class MetaLSTM(nn.Module):
             lrs = [t.reshape(g.shape) for t, g in zip(i_prev.view(T, -1).split(sizes, 1), grads)]
             decays = [t.reshape(g.shape) for t, g in zip(f_prev.view(T, -1).split(sizes, 1), grads)]
             fast = ops.fast_weight_update(fast, grads, lrs, decays)
-        fast = [f if f.dim() > p.dim() else f.expand(T, *f.shape) for f, p in zip(fast, shared)]
         stacked = torch.stack(support_losses, 1) if support_losses else shared[0].new_zeros(T, 0)
-        return dict(zip(names, fast)), stacked
+        return _per_task_weights(named, names, fast, T), stacked
 
 
 def meta_lstm_step(

@@ -64,6 +64,14 @@ def embed(model: nn.Module, x: Tensor, strategy: str = "auto") -> Tensor:
     return out.reshape(out.shape[0], out.shape[1], -1)
 
 
+def embed_episodes(model: nn.Module, batch: TaskBatch, strategy: str = "auto") -> tuple[Tensor, Tensor]:
+    """(support (T, Ns, D), query (T, Nq, D)) embeddings, each task's support and query embedded together (one
+    BatchNorm batch per episode, as in Snell et al.'s code)."""
+    z = embed(model, torch.cat([batch.support_x, batch.query_x], 1), strategy)
+    Ns = batch.support_x.shape[1]
+    return z[:, :Ns], z[:, Ns:]
+
+
 def class_prototypes(support: Tensor, labels: Tensor, n_way: int) -> Tensor:
     """The mean embedding of each class: support (T, Ns, D), labels (T, Ns) in [0, n_way) -> (T, n_way, D).
     Every class needs at least one support example."""
@@ -93,10 +101,8 @@ def protonet_logits(model: nn.Module, batch: TaskBatch, n_way: int | None = None
     its task's support embeddings. Support and query of a task are embedded together (one batch, as in
     Snell et al.'s code). n_way: default 1 + the largest support label."""
     n_way = check_episodes(batch, "protonet", n_way)
-    Ns = batch.support_x.shape[1]
-    z = embed(model, torch.cat([batch.support_x, batch.query_x], 1), strategy)
-    protos = class_prototypes(z[:, :Ns], batch.support_y, n_way)
-    return -squared_distances(z[:, Ns:], protos)
+    support, query = embed_episodes(model, batch, strategy)
+    return -squared_distances(query, class_prototypes(support, batch.support_y, n_way))
 
 
 def protonet_step(model: nn.Module, batch: TaskBatch, n_way: int | None = None, strategy: str = "auto") -> ProtoOutput:

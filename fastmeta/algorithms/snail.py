@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastmeta.algorithms.protonet import ProtoOutput, check_episodes, classification_output, embed
+from fastmeta.algorithms.protonet import ProtoOutput, check_episodes, classification_output, embed_episodes
 from fastmeta.data import TaskBatch
 
 __all__ = ["SNAIL", "snail_step", "DenseBlock", "TCBlock", "AttentionBlock"]
@@ -97,10 +97,9 @@ class SNAIL(nn.Module):
                 f"SNAIL: built for {self.n_way}-way {self.k_shot}-shot sequences of {self.n_way * self.k_shot} support "
                 f"examples, got {Ns}"
             )
-        z = embed(self.embedding, torch.cat([batch.support_x, batch.query_x], 1), strategy)
-        support, query = z[:, :Ns], z[:, Ns:]
-        Nq, E = query.shape[1], z.shape[-1]
-        labels = F.one_hot(batch.support_y.long(), self.n_way).to(z.dtype)
+        support, query = embed_episodes(self.embedding, batch, strategy)
+        Nq, E = query.shape[1], query.shape[-1]
+        labels = F.one_hot(batch.support_y.long(), self.n_way).to(query.dtype)
         support = torch.cat([support, labels], -1)  # (T, Ns, E + n_way)
         query = torch.cat([query, query.new_zeros(T, Nq, self.n_way)], -1)
         seq = torch.cat([support.unsqueeze(1).expand(T, Nq, Ns, E + self.n_way), query.unsqueeze(2)], 2)
