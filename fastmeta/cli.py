@@ -123,10 +123,13 @@ def _train(args: argparse.Namespace) -> int:
     # under torchrun: one process group over all the processes (NCCL between GPUs, gloo between CPUs)
     rank, size = distributed.init_from_env("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train_in(args, rank, size, device)
-    finally:
-        if size > 1:
+        code = _train_in(args, rank, size, device)
+    except BaseException:
+        if size > 1:  # no barrier: the other ranks may be waiting in a collective that never comes
             torch.distributed.destroy_process_group()
+        raise
+    distributed.close()  # waits for rank 0's last checkpoint before any rank tears gloo down
+    return code
 
 
 def _device(name: str | None) -> torch.device:

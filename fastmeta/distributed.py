@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from fastmeta.data.episodes import shard_range
 
-__all__ = ["world", "init_from_env", "shard_range", "all_reduce_gradients", "broadcast_parameters"]
+__all__ = ["world", "init_from_env", "shard_range", "all_reduce_gradients", "broadcast_parameters", "close"]
 
 
 def world() -> tuple[int, int]:
@@ -51,6 +51,15 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     return world()
+
+
+def close() -> None:
+    """Waits until every rank gets here, then destroys the default process group; does nothing without one.
+    Call it at the end of a distributed run: a rank that destroys its group while another still works (rank 0
+    writing a checkpoint) can abort in gloo's teardown."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_reduce_gradients(

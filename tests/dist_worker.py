@@ -82,4 +82,4 @@ if __name__ == "__main__":
     found["tasks seen"] = gathered
     if rank == 0:
         torch.save(found, sys.argv[1])
-    dist.destroy_process_group()
+    distributed.close()
