@@ -196,7 +196,15 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         device = _device(args.device)
         r = evaluate(
-            args.checkpoint, args.episodes, args.part, args.inner_steps, args.data, args.tasks_per_batch, device
+            args.checkpoint,
+            args.episodes,
+            args.part,
+            args.inner_steps,
+            args.data,
+            args.tasks_per_batch,
+            device,
+            n_way=args.n_way,
+            k_shot=args.k_shot,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -293,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--part", choices=["train", "val", "trainval", "test"], default="test")
     e.add_argument("--inner-steps", type=int, default=None, help="default: the run's eval_inner_steps")
     e.add_argument("--data", default=None, help="Omniglot location, if not where the run found it")
+    e.add_argument(
+        "--n-way", type=int, default=None, help="test episodes' classes (metric learners; default: the run's)"
+    )
+    e.add_argument("--k-shot", type=int, default=None, help="test episodes' shots (default: the run's)")
     e.add_argument("--tasks-per-batch", type=int, default=50)
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available)")

@@ -514,13 +514,29 @@ def evaluate(
     data: str | None = None,
     tasks_per_batch: int = 50,
     device: str | torch.device = "cpu",
+    n_way: int | None = None,
+    k_shot: int | None = None,
 ) -> dict:
     """Meta-tests a checkpoint: `episodes` tasks of `part`, each adapted with `inner_steps` (default: the
-    run's eval_inner_steps) steps. Returns {"metric", "mean", "ci95", "tasks", "config"}."""
+    run's eval_inner_steps) steps. n_way, k_shot: test episodes other than the run's own (n_way for the metric
+    learners, whose embeddings serve any number of classes; k_shot for all but SNAIL, whose sequence length is
+    fixed). Returns {"metric", "mean", "ci95", "tasks", "config"} (config: the tested episodes' settings)."""
     state = load_checkpoint(checkpoint)
     config = RunConfig(**state["config"])
     if data is not None:
         config.data = data
+    for name, value in (("n_way", n_way), ("k_shot", k_shot)):
+        if value is None or value == getattr(config, name):
+            continue
+        if config.dataset == "sinusoid" and name == "n_way":
+            raise ValueError("n_way: sinusoid tasks have no classes")
+        if (name == "n_way" and config.algo not in METRIC) or config.algo == "snail":
+            raise ValueError(
+                f"{name}: a {config.algo} model is built for {getattr(config, name)}-{name.split('_')[1]} "
+                f"episodes; only the metric learners {METRIC} test on other numbers of classes"
+            )
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     saved = state.get("model_config") or config.model_config()
     if saved.get("model") != config.model_config()["model"]:  # e.g. an MLP's weights under a Conv4 run's config
         raise ValueError(
@@ -528,11 +544,12 @@ def evaluate(
         )
     model, aux = build_model(config, device, saved)  # the checkpoint's own (e.g. runs before --hidden)
     _load_states(state, model, aux, None, Path(checkpoint))
-    eval_config = RunConfig(**{**asdict(config), "meta_batch": tasks_per_batch})
+    tested = {"n_way": n_way or config.n_way, "k_shot": k_shot or config.k_shot}
+    eval_config = RunConfig(**{**asdict(config), **tested, "meta_batch": tasks_per_batch})
     batches = math.ceil(episodes / tasks_per_batch)
     steps = config.eval_inner_steps if inner_steps is None else inner_steps
-    result = evaluate_model(model, aux, config, datasets(eval_config, part), batches, steps)
-    result["config"] = asdict(config)
+    result = evaluate_model(model, aux, eval_config, datasets(eval_config, part), batches, steps)
+    result["config"] = {**asdict(config), **tested}
     result["inner_steps"] = steps
     return result
 

@@ -159,6 +159,19 @@ def test_omniglot_run(tmp_path, capsys, algo):
     assert code == 0, err
     steps = {"maml": ", 3 inner steps", "metalstm": ", 5 inner steps"}.get(algo, "")  # metric learners: none
     assert f"{algo} omniglot 5-way 1-shot, test split, 20 tasks{steps}: accuracy" in stdout
+    # other test episodes: any number of classes for the metric learners, more shots for all but SNAIL
+    wider = ["eval", str(out / "best.pt"), "--episodes", "4", "--tasks-per-batch", "2", "--n-way", "20"]
+    code, stdout, err = run(wider + ["--k-shot", "2"], capsys)
+    if algo in ("protonet", "matching", "siamese"):
+        assert code == 0, err
+        assert f"{algo} omniglot 20-way 2-shot, test split, 4 tasks: accuracy" in stdout
+    else:
+        assert code == 2 and f"n_way: a {algo} model is built for 5-way episodes" in err
+        code, stdout, err = run(wider[:-2] + ["--k-shot", "2"], capsys)
+        if algo == "snail":
+            assert code == 2 and "k_shot: a snail model is built for 1-shot episodes" in err
+        else:
+            assert code == 0 and f"{algo} omniglot 5-way 2-shot, test split, 4 tasks{steps}" in stdout, err
 
 
 def test_plot_writes_a_learning_curve_or_says_what_is_missing(tmp_path, capsys):
