@@ -171,7 +171,12 @@ def _train_in(args: argparse.Namespace, rank: int, size: int, device: torch.devi
             hidden=args.hidden,
             backbone=args.backbone,
             image_size=args.image_size,
-            extra={k: v for k, v in (("fce", args.fce), ("margin", args.margin), ("pairs", args.pairs)) if v} or None,
+            extra={
+                k: v
+                for k, v in (("fce", args.fce), ("scale", args.scale), ("margin", args.margin), ("pairs", args.pairs))
+                if v
+            }
+            or None,
         )
         out = [args.out or _default_out(config, args.resume)]
         if size > 1:  # rank 0 names the folder: the others could see it already made and number theirs apart
@@ -276,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available)")
     t.add_argument("--fce", type=int, default=None, metavar="STEPS", help="matching: full-context embeddings")
+    t.add_argument(
+        "--scale", type=float, default=None,
+        help="matching: cosine similarities times this before the softmax (default 1, as Vinyals et al.)",
+    )  # fmt: skip
     t.add_argument("--margin", type=float, default=None, help="siamese: contrastive margin (default 1)")
     t.add_argument(
         "--pairs", choices=["all_pairs", "pairs"], default=None,

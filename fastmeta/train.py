@@ -104,7 +104,7 @@ class RunConfig:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if self.backbone == "koch" and self.algo not in METRIC:
             raise ValueError(f"the koch backbone is an embedding network, for the metric learners {METRIC}")
-        for key, algo in (("fce", "matching"), ("margin", "siamese"), ("pairs", "siamese")):
+        for key, algo in (("fce", "matching"), ("scale", "matching"), ("margin", "siamese"), ("pairs", "siamese")):
             if self.extra.get(key) is not None and self.algo != algo:
                 raise ValueError(f"{key} is for {algo}, not {self.algo!r}")
         if self.extra.get("pairs") not in (None, "all_pairs", "pairs"):
@@ -265,7 +265,7 @@ def _metric_step(config: RunConfig, model: nn.Module, aux: nn.Module | None, bat
     if config.algo == "siamese":
         extra = config.extra
         return siamese_step(model, batch, extra.get("margin") or 1.0, extra.get("pairs") or "all_pairs", n_way)
-    return matching_step(model, batch, n_way, fce=aux)
+    return matching_step(model, batch, n_way, fce=aux, scale=config.extra.get("scale") or 1.0)
 
 
 def evaluate_model(

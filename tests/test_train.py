@@ -115,6 +115,8 @@ def test_train_errors(tmp_path, capsys):
     assert code == 2 and "fce is for matching, not 'maml'" in err
     code, _, err = run(["train", "--margin", "3", "--out", str(tmp_path / "h")], capsys)
     assert code == 2 and "margin is for siamese" in err
+    code, _, err = run(["train", "--dataset", "omniglot", "--algo", "protonet", "--scale", "3", "--out", str(tmp_path / "h2")], capsys)
+    assert code == 2 and "scale is for matching, not 'protonet'" in err
     code, _, err = run(["train", "--dataset", "omniglot", "--backbone", "koch", "--out", str(tmp_path / "i")], capsys)
     assert code == 2 and "koch backbone is an embedding network" in err
     if OMNIGLOT.is_dir():
@@ -150,11 +152,13 @@ def test_omniglot_run(tmp_path, capsys, algo):
     if algo == "protonet":
         args += ["--train-way", "12"]  # Snell et al. train with more classes than they test
     if algo == "matching":
-        args += ["--fce", "2"]
+        args += ["--fce", "2", "--scale", "5"]
     if algo == "siamese":
         args += ["--margin", "2", "--pairs", "pairs"]
     code, _, err = run(args, capsys)
     assert code == 0, err
+    if algo == "matching":
+        assert torch.load(out / "best.pt", weights_only=False)["config"]["extra"] == {"fce": 2, "scale": 5.0}
     code, stdout, err = run(["eval", str(out / "best.pt"), "--episodes", "20", "--tasks-per-batch", "10"], capsys)
     assert code == 0, err
     steps = {"maml": ", 3 inner steps", "metalstm": ", 5 inner steps"}.get(algo, "")  # metric learners: none
