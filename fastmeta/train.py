@@ -275,9 +275,11 @@ def evaluate_model(
     episodes: torch.utils.data.Dataset,
     batches: int,
     inner_steps: int,
+    tasks: int | None = None,
 ) -> dict:
     """Mean query accuracy (classification) or MSE (regression) after adapting to each task's support set,
-    with its 95% confidence interval over the tasks: {"metric", "mean", "ci95", "tasks"}."""
+    with its 95% confidence interval over the tasks: {"metric", "mean", "ci95", "tasks"}. tasks: count only
+    the first this many of the batches' tasks (default all)."""
     values = []
     device = next(model.parameters()).device
     was_training = model.training
@@ -301,7 +303,7 @@ def evaluate_model(
         else:
             values.append((pred.argmax(-1) == b.query_y).float().mean(1))
     model.train(was_training)
-    v = torch.cat(values).double()
+    v = torch.cat(values).double()[:tasks]
     ci = 1.96 * v.std().item() / math.sqrt(len(v)) if len(v) > 1 else float("nan")
     return {
         "metric": "mse" if config.dataset == "sinusoid" else "accuracy",
@@ -525,18 +527,23 @@ def evaluate(
     config = RunConfig(**state["config"])
     if data is not None:
         config.data = data
+    if config.dataset == "sinusoid" and n_way is not None:
+        raise ValueError("n_way: sinusoid tasks have no classes")
     for name, value in (("n_way", n_way), ("k_shot", k_shot)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
         if value is None or value == getattr(config, name):
             continue
-        if config.dataset == "sinusoid" and name == "n_way":
-            raise ValueError("n_way: sinusoid tasks have no classes")
         if (name == "n_way" and config.algo not in METRIC) or config.algo == "snail":
+            why = (
+                f"only the metric learners {METRIC} test on other numbers of classes"
+                if name == "n_way"
+                else "its sequence of support pairs has a fixed length"
+            )
             raise ValueError(
                 f"{name}: a {config.algo} model is built for {getattr(config, name)}-{name.split('_')[1]} "
-                f"episodes; only the metric learners {METRIC} test on other numbers of classes"
+                f"episodes; {why}"
             )
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
     saved = state.get("model_config") or config.model_config()
     if saved.get("model") != config.model_config()["model"]:  # e.g. an MLP's weights under a Conv4 run's config
         raise ValueError(
@@ -545,10 +552,13 @@ def evaluate(
     model, aux = build_model(config, device, saved)  # the checkpoint's own (e.g. runs before --hidden)
     _load_states(state, model, aux, None, Path(checkpoint))
     tested = {"n_way": n_way or config.n_way, "k_shot": k_shot or config.k_shot}
+    if episodes < 1 or tasks_per_batch < 1:
+        raise ValueError(f"episodes and tasks_per_batch must be >= 1, got {episodes} and {tasks_per_batch}")
+    tasks_per_batch = min(tasks_per_batch, episodes)
     eval_config = RunConfig(**{**asdict(config), **tested, "meta_batch": tasks_per_batch})
     batches = math.ceil(episodes / tasks_per_batch)
     steps = config.eval_inner_steps if inner_steps is None else inner_steps
-    result = evaluate_model(model, aux, eval_config, datasets(eval_config, part), batches, steps)
+    result = evaluate_model(model, aux, eval_config, datasets(eval_config, part), batches, steps, episodes)
     result["config"] = {**asdict(config), **tested}
     result["inner_steps"] = steps
     return result

@@ -37,6 +37,16 @@ def test_sinusoid_runs_checkpoints_and_evaluates(tmp_path, capsys, algo):
     code, stdout, err = run(["eval", str(out / "checkpoint.pt"), "--episodes", "100"], capsys)
     assert code == 0, err
     assert f"{algo} sinusoid 10-shot, test split, 100 tasks, 1 inner steps: mse" in stdout and "(95% CI)" in stdout
+    code, stdout, err = run(["eval", str(out / "best.pt"), "--episodes", "10", "--k-shot", "20"], capsys)
+    assert code == 0 and f"{algo} sinusoid 20-shot, test split, 10 tasks" in stdout, err
+    code, stdout, err = run(["eval", str(out / "best.pt"), "--episodes", "7", "--tasks-per-batch", "3"], capsys)
+    assert code == 0 and f"{algo} sinusoid 10-shot, test split, 7 tasks" in stdout, err  # not 9
+    code, _, err = run(["eval", str(out / "best.pt"), "--episodes", "0"], capsys)
+    assert code == 2 and "episodes and tasks_per_batch must be >= 1" in err
+    code, _, err = run(["eval", str(out / "best.pt"), "--k-shot", "0"], capsys)
+    assert code == 2 and "k_shot must be >= 1, got 0" in err
+    code, _, err = run(["eval", str(out / "best.pt"), "--n-way", "5"], capsys)
+    assert code == 2 and "n_way: sinusoid tasks have no classes" in err
 
 
 def test_maml_learns_sinusoids(tmp_path):
@@ -115,7 +125,9 @@ def test_train_errors(tmp_path, capsys):
     assert code == 2 and "fce is for matching, not 'maml'" in err
     code, _, err = run(["train", "--margin", "3", "--out", str(tmp_path / "h")], capsys)
     assert code == 2 and "margin is for siamese" in err
-    code, _, err = run(["train", "--dataset", "omniglot", "--algo", "protonet", "--scale", "3", "--out", str(tmp_path / "h2")], capsys)
+    code, _, err = run(
+        ["train", "--dataset", "omniglot", "--algo", "protonet", "--scale", "3", "--out", str(tmp_path / "h2")], capsys
+    )
     assert code == 2 and "scale is for matching, not 'protonet'" in err
     code, _, err = run(["train", "--dataset", "omniglot", "--backbone", "koch", "--out", str(tmp_path / "i")], capsys)
     assert code == 2 and "koch backbone is an embedding network" in err
