@@ -523,6 +523,8 @@ def evaluate(
     run's eval_inner_steps) steps. n_way, k_shot: test episodes other than the run's own (n_way for the metric
     learners, whose embeddings serve any number of classes; k_shot for all but SNAIL, whose sequence length is
     fixed). Returns {"metric", "mean", "ci95", "tasks", "config"} (config: the tested episodes' settings)."""
+    if episodes < 1 or tasks_per_batch < 1:
+        raise ValueError(f"episodes and tasks_per_batch must be >= 1, got {episodes} and {tasks_per_batch}")
     state = load_checkpoint(checkpoint)
     config = RunConfig(**state["config"])
     if data is not None:
@@ -552,8 +554,6 @@ def evaluate(
     model, aux = build_model(config, device, saved)  # the checkpoint's own (e.g. runs before --hidden)
     _load_states(state, model, aux, None, Path(checkpoint))
     tested = {"n_way": n_way or config.n_way, "k_shot": k_shot or config.k_shot}
-    if episodes < 1 or tasks_per_batch < 1:
-        raise ValueError(f"episodes and tasks_per_batch must be >= 1, got {episodes} and {tasks_per_batch}")
     tasks_per_batch = min(tasks_per_batch, episodes)
     eval_config = RunConfig(**{**asdict(config), **tested, "meta_batch": tasks_per_batch})
     batches = math.ceil(episodes / tasks_per_batch)
