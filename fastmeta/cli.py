@@ -157,6 +157,7 @@ def _train_in(args: argparse.Namespace, rank: int, size: int, device: torch.devi
             n_way=args.n_way,
             train_way=args.train_way,
             k_shot=args.k_shot,
+            train_shot=args.train_shot,
             n_query=args.n_query,
             meta_batch=args.meta_batch,
             inner_steps=args.inner_steps,
@@ -296,12 +297,17 @@ def main(argv: list[str] | None = None) -> int:
         "--schedule", choices=["constant", "linear", "cosine"], default=None,
         help="meta learning rate over --iterations, to 0 (default: linear for reptile, else constant)",
     )  # fmt: skip
+    helps = {
+        "train-way": "metric learners: classes per training episode (default: --n-way)",
+        "train-shot": "support examples per class in training episodes (default: --k-shot; validation uses --k-shot)",
+    }
     for name, kind in (
-        ("n-way", int), ("train-way", int), ("k-shot", int), ("n-query", int), ("meta-batch", int),
-        ("inner-steps", int), ("eval-inner-steps", int), ("inner-lr", float), ("meta-lr", float), ("iterations", int),
-        ("val-every", int), ("val-episodes", int), ("seed", int), ("hidden", int),
+        ("n-way", int), ("train-way", int), ("k-shot", int), ("train-shot", int), ("n-query", int),
+        ("meta-batch", int), ("inner-steps", int), ("eval-inner-steps", int), ("inner-lr", float), ("meta-lr", float),
+        ("iterations", int), ("val-every", int), ("val-episodes", int), ("seed", int), ("hidden", int),
     ):  # fmt: skip
-        t.add_argument(f"--{name}", type=kind, default=None, help="default: per dataset (see fastmeta.train)")
+        help = helps.get(name, "default: per dataset and algorithm (see fastmeta.train)")
+        t.add_argument(f"--{name}", type=kind, default=None, help=help)
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="meta-test a checkpoint: mean accuracy (or MSE) with a 95% confidence interval")

@@ -46,9 +46,20 @@ DEFAULTS = {
         iterations=20000, val_every=500, val_episodes=8,
     ),
 }  # fmt: skip
-# Per (dataset, algo), on top: the Meta-LSTM reads T * P coordinates (P = 112k for a Conv4) through its LSTM at
-# every update, so it takes fewer tasks per step, and the paper's 5 updates.
-ALGO_DEFAULTS = {("omniglot", "metalstm"): dict(meta_batch=8, inner_steps=5, eval_inner_steps=5)}
+# Per (dataset, algo), on top:
+# - the Meta-LSTM reads T * P coordinates (P = 112k for a Conv4) through its LSTM at every update, so it takes fewer
+#   tasks per step, and the paper's 5 updates;
+# - Reptile moves the weights by meta_lr (Nichol et al.'s outer step size epsilon, 1 annealed linearly to 0) times
+#   theta - mean(adapted weights), and with one inner step it is joint training: Nichol et al.'s Omniglot settings
+#   (5 tasks a step, 5 inner steps, 10-shot training episodes; SGD inner steps here, not their Adam; 10 test steps)
+#   and, for sinusoids, their inner rate 0.02 (a 40-40 MLP: 1000 steps take the MSE after 10 test steps 4.0 -> 0.7).
+ALGO_DEFAULTS = {
+    ("omniglot", "metalstm"): dict(meta_batch=8, inner_steps=5, eval_inner_steps=5),
+    ("omniglot", "reptile"): dict(
+        meta_batch=5, inner_steps=5, eval_inner_steps=10, train_shot=10, inner_lr=0.1, meta_lr=1.0
+    ),
+    ("sinusoid", "reptile"): dict(inner_steps=5, inner_lr=0.02, meta_lr=1.0),
+}
 
 
 @dataclass
@@ -62,6 +73,7 @@ class RunConfig:
     n_way: int = 5
     train_way: int | None = None  # metric learners: classes per training episode (None: n_way)
     k_shot: int = 1
+    train_shot: int | None = None  # support examples per class in training episodes (None: k_shot); val/test: k_shot
     n_query: int = 5
     meta_batch: int = 32
     inner_steps: int = 1
@@ -113,6 +125,12 @@ class RunConfig:
             raise ValueError(
                 f"train_way is for metric learners {METRIC}: the head of {self.algo!r} has n_way={self.n_way} outputs"
             )
+        if self.train_shot is not None and self.algo == "snail":
+            raise ValueError(
+                "train_shot: SNAIL reads sequences of n_way * k_shot + 1 examples, so it trains on the k_shot it tests"
+            )
+        if self.train_shot is not None and self.train_shot < 1:
+            raise ValueError(f"train_shot must be >= 1, got {self.train_shot}")
         for name in ("k_shot", "meta_batch", "iterations", "val_every", "val_episodes", "hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -175,8 +193,9 @@ def datasets(config: RunConfig, part: str = "train", shard: tuple[int, int] = (0
     """Episodes of one part: "train" (meta-training), "val" or "test" (a different seed for each part).
     shard: (rank, world_size), this process's tasks of each meta-batch."""
     seed = config.seed * 1000 + {"train": 0, "val": 1, "trainval": 0, "test": 2}[part]
+    k_shot = config.train_shot or config.k_shot if part in ("train", "trainval") else config.k_shot
     if config.dataset == "sinusoid":
-        return SinusoidTasks(config.k_shot, config.n_query, config.meta_batch, seed=seed, shard=shard)
+        return SinusoidTasks(k_shot, config.n_query, config.meta_batch, seed=seed, shard=shard)
     n_way = config.train_way or config.n_way if part in ("train", "trainval") else config.n_way
     if config.data is None:
         raise FileNotFoundError(
@@ -184,7 +203,12 @@ def datasets(config: RunConfig, part: str = "train", shard: tuple[int, int] = (0
             "(torchvision's layout), or with images_background.zip and images_evaluation.zip"
         )
     images = omniglot_split(load_omniglot(config.data, config.image_size), config.split, part)
-    return EpisodeSampler(images, n_way, config.k_shot, config.n_query, config.meta_batch, seed=seed, shard=shard)
+    try:
+        return EpisodeSampler(images, n_way, k_shot, config.n_query, config.meta_batch, seed=seed, shard=shard)
+    except ValueError as e:
+        if k_shot == config.k_shot:
+            raise
+        raise ValueError(f"train_shot={k_shot} (the training episodes' k_shot): {e}") from None
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -555,12 +579,15 @@ def evaluate(
     _load_states(state, model, aux, None, Path(checkpoint))
     tested = {"n_way": n_way or config.n_way, "k_shot": k_shot or config.k_shot}
     tasks_per_batch = min(tasks_per_batch, episodes)
-    eval_config = RunConfig(**{**asdict(config), **tested, "meta_batch": tasks_per_batch})
+    # the tested episodes, whatever the part: not the wider training episodes of --train-way or --train-shot
+    eval_config = RunConfig(
+        **{**asdict(config), **tested, "meta_batch": tasks_per_batch, "train_way": None, "train_shot": None}
+    )
     batches = math.ceil(episodes / tasks_per_batch)
     steps = config.eval_inner_steps if inner_steps is None else inner_steps
     result = evaluate_model(model, aux, eval_config, datasets(eval_config, part), batches, steps, episodes)
     result["config"] = {**asdict(config), **tested}
-    result["inner_steps"] = steps
+    result["inner_steps"] = None if config.algo in EPISODIC else steps  # metric learners and SNAIL do not adapt
     return result
 
 

@@ -25,8 +25,7 @@ def run(args, capsys):
 @pytest.mark.parametrize("algo", ["maml", "fomaml", "metasgd", "reptile", "pretrain", "metalstm"])
 def test_sinusoid_runs_checkpoints_and_evaluates(tmp_path, capsys, algo):
     out = tmp_path / "run"
-    extra = ["--meta-lr", "0.5"] if algo == "reptile" else []
-    code, stdout, err = run(["train", "--algo", algo, "--out", str(out)] + QUICK + extra, capsys)
+    code, stdout, err = run(["train", "--algo", algo, "--out", str(out)] + QUICK, capsys)
     assert code == 0, err
     assert json.loads(stdout.strip().splitlines()[-1])["iteration"] == 30
     state = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -49,12 +48,21 @@ def test_sinusoid_runs_checkpoints_and_evaluates(tmp_path, capsys, algo):
     assert code == 2 and "n_way: sinusoid tasks have no classes" in err
 
 
-def test_maml_learns_sinusoids(tmp_path):
-    """300 meta-steps already take MAML's post-adaptation MSE well below the untrained model's."""
-    config = RunConfig.make("sinusoid", iterations=300, val_every=300, val_episodes=8, meta_lr=1e-2)
-    before = training.evaluate_model(*training.build_model(config), config, training.datasets(config, "val"), 8, 1)
-    after = training.train(config, tmp_path / "run")
-    assert after["val"] < 0.4 * before["mean"]
+@pytest.mark.parametrize("algo", ["maml", "reptile"])
+def test_learns_sinusoids(tmp_path, algo):
+    """A few hundred meta-steps take the post-adaptation MSE well below the untrained model's: MAML after one
+    step, Reptile (its default outer and inner steps) after ten, as Nichol et al. test it with many steps."""
+    if algo == "maml":
+        config = RunConfig.make("sinusoid", iterations=300, val_every=300, val_episodes=8, meta_lr=1e-2)
+    else:
+        config = RunConfig.make("sinusoid", algo="reptile", iterations=600, val_every=600, val_episodes=8)
+    steps = 1 if algo == "maml" else 10
+    model, aux = training.build_model(config)
+    before = training.evaluate_model(model, aux, config, training.datasets(config, "val"), 8, steps)["mean"]
+    training.train(config, tmp_path / "run")
+    model.load_state_dict(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"])
+    after = training.evaluate_model(model, aux, config, training.datasets(config, "val"), 8, steps)["mean"]
+    assert after < 0.4 * before
 
 
 def test_resume_continues_the_same_run(tmp_path, capsys):
@@ -131,6 +139,10 @@ def test_train_errors(tmp_path, capsys):
     assert code == 2 and "scale is for matching, not 'protonet'" in err
     code, _, err = run(["train", "--dataset", "omniglot", "--backbone", "koch", "--out", str(tmp_path / "i")], capsys)
     assert code == 2 and "koch backbone is an embedding network" in err
+    code, _, err = run(["train", "--dataset", "omniglot", "--algo", "snail", "--train-shot", "5"], capsys)
+    assert code == 2 and "train_shot: SNAIL reads sequences of n_way * k_shot + 1" in err
+    code, _, err = run(["train", "--train-shot", "0", "--out", str(tmp_path / "j")], capsys)
+    assert code == 2 and "train_shot must be >= 1, got 0" in err
     if OMNIGLOT.is_dir():
         code, _, err = run(
             [
@@ -156,7 +168,7 @@ def test_train_errors(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not OMNIGLOT.is_dir(), reason=f"the Omniglot zips are not at {OMNIGLOT}")
-@pytest.mark.parametrize("algo", ["maml", "metalstm", "snail", "protonet", "matching", "siamese"])
+@pytest.mark.parametrize("algo", ["maml", "reptile", "metalstm", "snail", "protonet", "matching", "siamese"])
 def test_omniglot_run(tmp_path, capsys, algo):
     out = tmp_path / "run"
     args = ["train", "--algo", algo, "--dataset", "omniglot", "--data", str(OMNIGLOT), "--out", str(out)]
@@ -173,7 +185,9 @@ def test_omniglot_run(tmp_path, capsys, algo):
         assert torch.load(out / "best.pt", weights_only=False)["config"]["extra"] == {"fce": 2, "scale": 5.0}
     code, stdout, err = run(["eval", str(out / "best.pt"), "--episodes", "20", "--tasks-per-batch", "10"], capsys)
     assert code == 0, err
-    steps = {"maml": ", 3 inner steps", "metalstm": ", 5 inner steps"}.get(algo, "")  # metric learners: none
+    steps = {"maml": ", 3 inner steps", "reptile": ", 10 inner steps", "metalstm": ", 5 inner steps"}.get(
+        algo, ""
+    )  # metric learners: none
     assert f"{algo} omniglot 5-way 1-shot, test split, 20 tasks{steps}: accuracy" in stdout
     # other test episodes: any number of classes for the metric learners, more shots for all but SNAIL
     wider = ["eval", str(out / "best.pt"), "--episodes", "4", "--tasks-per-batch", "2", "--n-way", "20"]
@@ -239,8 +253,53 @@ def test_train_and_eval_on_a_device(tmp_path, capsys, device):
     assert code == 2 and "--device" in err
 
 
+def test_train_shot_widens_only_the_training_episodes(tmp_path):
+    """Nichol et al. train Reptile on 10-shot episodes and test it on 1-shot ones: --train-shot sets the training
+    episodes' support size; validation and test keep --k-shot."""
+    config = RunConfig.make("sinusoid", k_shot=5, train_shot=20, meta_batch=3)
+    train_batch = training.datasets(config, "train")[0]
+    val_batch = training.datasets(config, "val")[0]
+    assert train_batch.support_x.shape == (3, 20, 1) and val_batch.support_x.shape == (3, 5, 1)
+    assert training.datasets(config, "test")[0].support_x.shape == (3, 5, 1)
+    plain = RunConfig.make("sinusoid", k_shot=5, meta_batch=3)
+    assert training.datasets(plain, "train")[0].support_x.shape == (3, 5, 1)
+    if OMNIGLOT.is_dir():
+        config = RunConfig.make("omniglot", data=str(OMNIGLOT), k_shot=1, train_shot=3, n_query=2, meta_batch=2)
+        assert training.datasets(config, "train")[0].support_x.shape[:2] == (2, 15)  # 5 classes x 3
+        assert training.datasets(config, "val")[0].support_x.shape[:2] == (2, 5)
+        wide = RunConfig.make("omniglot", data=str(OMNIGLOT), train_shot=19, n_query=2)
+        with pytest.raises(ValueError, match="k_shot \\+ n_query = 21 examples per class"):
+            training.datasets(wide, "train")
+
+
+def test_eval_tests_the_asked_episodes_on_every_part(tmp_path, monkeypatch):
+    """eval on the training part tests --k-shot episodes too, not the run's wider --train-shot ones."""
+    config = RunConfig.make(
+        "sinusoid", algo="reptile", k_shot=5, train_shot=20, meta_batch=2, iterations=2, val_every=2, val_episodes=1
+    )
+    training.train(config, tmp_path / "run")
+    shots, real = [], training.datasets
+
+    def recording(config, part="train", shard=(0, 1)):
+        episodes = real(config, part, shard)
+        shots.append((part, episodes[0].support_x.shape[1]))
+        return episodes
+
+    monkeypatch.setattr(training, "datasets", recording)
+    for part in ("train", "trainval", "test"):
+        result = training.evaluate(tmp_path / "run" / "checkpoint.pt", episodes=2, part=part)
+        assert result["config"]["k_shot"] == 5 and result["inner_steps"] == 1
+    assert shots == [("train", 5), ("trainval", 5), ("test", 5)]
+    assert training.evaluate(tmp_path / "run" / "checkpoint.pt", episodes=2, k_shot=7)["config"]["k_shot"] == 7
+    assert shots[-1] == ("test", 7)
+
+
 def test_per_algorithm_defaults():
     assert RunConfig.make("omniglot", algo="metalstm").meta_batch == 8  # T * P LSTM rows: fewer tasks
     assert RunConfig.make("omniglot", algo="metalstm", meta_batch=3).meta_batch == 3  # what the user says wins
     assert RunConfig.make("omniglot", algo="maml").meta_batch == 32
     assert RunConfig.make("sinusoid", algo="metalstm").meta_batch == 25
+    reptile = RunConfig.make("omniglot", algo="reptile")  # Nichol et al.'s: 5 tasks, 5 steps, 10-shot training
+    assert (reptile.meta_batch, reptile.inner_steps, reptile.train_shot, reptile.meta_lr) == (5, 5, 10, 1.0)
+    assert (reptile.k_shot, RunConfig.make("omniglot", algo="maml").train_shot) == (1, None)
+    assert RunConfig.make("sinusoid", algo="reptile").meta_lr == 1.0  # epsilon, not Adam's 1e-3
