@@ -195,7 +195,7 @@ def _train_in(args: argparse.Namespace, rank: int, size: int, device: torch.devi
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from fastmeta.train import EPISODIC, evaluate
+    from fastmeta.train import evaluate
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -218,8 +218,7 @@ def _eval(args: argparse.Namespace) -> int:
     c = r["config"]
     what = f"{c['n_way']}-way {c['k_shot']}-shot" if c["dataset"] == "omniglot" else f"{c['k_shot']}-shot"
     scale, unit = (100, "%") if r["metric"] == "accuracy" else (1, "")
-    adapts = c["algo"] not in EPISODIC
-    steps = f", {r['inner_steps']} inner steps" if adapts else ""
+    steps = f", {r['inner_steps']} inner steps" if r["inner_steps"] is not None else ""  # None: no inner loop
     print(
         f"{c['algo']} {c['dataset']} {what}, {args.part} split, {r['tasks']} tasks{steps}: "
         f"{r['metric']} {scale * r['mean']:.2f}{unit} +- {scale * r['ci95']:.2f}{unit} (95% CI)"
@@ -306,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         ("meta-batch", int), ("inner-steps", int), ("eval-inner-steps", int), ("inner-lr", float), ("meta-lr", float),
         ("iterations", int), ("val-every", int), ("val-episodes", int), ("seed", int), ("hidden", int),
     ):  # fmt: skip
-        help = helps.get(name, "default: per dataset and algorithm (see fastmeta.train)")
-        t.add_argument(f"--{name}", type=kind, default=None, help=help)
+        text = helps.get(name, "default: per dataset and algorithm (see fastmeta.train)")
+        t.add_argument(f"--{name}", type=kind, default=None, help=text)
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="meta-test a checkpoint: mean accuracy (or MSE) with a 95% confidence interval")

@@ -193,10 +193,11 @@ def datasets(config: RunConfig, part: str = "train", shard: tuple[int, int] = (0
     """Episodes of one part: "train" (meta-training), "val" or "test" (a different seed for each part).
     shard: (rank, world_size), this process's tasks of each meta-batch."""
     seed = config.seed * 1000 + {"train": 0, "val": 1, "trainval": 0, "test": 2}[part]
-    k_shot = config.train_shot or config.k_shot if part in ("train", "trainval") else config.k_shot
+    training = part in ("train", "trainval")  # the run's training episodes: --train-shot and --train-way apply
+    k_shot = config.train_shot or config.k_shot if training else config.k_shot
     if config.dataset == "sinusoid":
         return SinusoidTasks(k_shot, config.n_query, config.meta_batch, seed=seed, shard=shard)
-    n_way = config.train_way or config.n_way if part in ("train", "trainval") else config.n_way
+    n_way = config.train_way or config.n_way if training else config.n_way
     if config.data is None:
         raise FileNotFoundError(
             "omniglot needs --data PATH: a folder with omniglot-py/images_background/ and images_evaluation/ "

@@ -185,9 +185,8 @@ def test_omniglot_run(tmp_path, capsys, algo):
         assert torch.load(out / "best.pt", weights_only=False)["config"]["extra"] == {"fce": 2, "scale": 5.0}
     code, stdout, err = run(["eval", str(out / "best.pt"), "--episodes", "20", "--tasks-per-batch", "10"], capsys)
     assert code == 0, err
-    steps = {"maml": ", 3 inner steps", "reptile": ", 10 inner steps", "metalstm": ", 5 inner steps"}.get(
-        algo, ""
-    )  # metric learners: none
+    adapted = {"maml": ", 3 inner steps", "reptile": ", 10 inner steps", "metalstm": ", 5 inner steps"}
+    steps = adapted.get(algo, "")  # metric learners and SNAIL: no inner steps
     assert f"{algo} omniglot 5-way 1-shot, test split, 20 tasks{steps}: accuracy" in stdout
     # other test episodes: any number of classes for the metric learners, more shots for all but SNAIL
     wider = ["eval", str(out / "best.pt"), "--episodes", "4", "--tasks-per-batch", "2", "--n-way", "20"]
