@@ -174,7 +174,13 @@ def _train_in(args: argparse.Namespace, rank: int, size: int, device: torch.devi
             image_size=args.image_size,
             extra={
                 k: v
-                for k, v in (("fce", args.fce), ("scale", args.scale), ("margin", args.margin), ("pairs", args.pairs))
+                for k, v in (
+                    ("fce", args.fce),
+                    ("scale", args.scale),
+                    ("margin", args.margin),
+                    ("pairs", args.pairs),
+                    ("zero_head", args.zero_head),
+                )
                 if v
             }
             or None,
@@ -289,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument(
         "--pairs", choices=["all_pairs", "pairs"], default=None,
         help="siamese: every pair of an episode (default) or each query with each support example",
+    )  # fmt: skip
+    t.add_argument(
+        "--zero-head", action="store_true",
+        help="maml, fomaml, metasgd, reptile: the zeroing trick, every task adapts from a zero head (Kao et al. 2022)",
     )  # fmt: skip
     t.add_argument("--backbone", choices=["conv4", "koch"], default=None, help="metric learners' embedding")
     t.add_argument("--image-size", type=int, default=None, help="Omniglot images resized to this (default 28)")

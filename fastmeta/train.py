@@ -31,6 +31,7 @@ from fastmeta.models import from_config
 ALGOS = ("maml", "fomaml", "metasgd", "reptile", "pretrain", "metalstm", "snail", "protonet", "matching", "siamese")
 METRIC = ("protonet", "matching", "siamese")  # learners that classify by comparing embeddings: no head, no inner loop
 EPISODIC = METRIC + ("snail",)  # read the support set itself: an embedding network, no inner steps
+GRADIENT = ("maml", "fomaml", "metasgd", "reptile")  # adapt a network with a head by gradient steps
 BACKBONES = ("conv4", "koch")
 SCHEDULES = (None, "constant", "linear", "cosine")
 DATASETS = ("sinusoid", "omniglot")
@@ -119,6 +120,8 @@ class RunConfig:
         for key, algo in (("fce", "matching"), ("scale", "matching"), ("margin", "siamese"), ("pairs", "siamese")):
             if self.extra.get(key) is not None and self.algo != algo:
                 raise ValueError(f"{key} is for {algo}, not {self.algo!r}")
+        if self.extra.get("zero_head") and self.algo not in GRADIENT:
+            raise ValueError(f"zero_head is for the gradient-based learners {GRADIENT}, not {self.algo!r}")
         if self.extra.get("pairs") not in (None, "all_pairs", "pairs"):
             raise ValueError(f"pairs must be all_pairs or pairs, got {self.extra['pairs']!r}")
         if self.train_way is not None and self.algo not in METRIC:
@@ -181,12 +184,29 @@ def build_model(
     elif config.algo == "snail":
         model = SNAIL(config.n_way, config.k_shot, model, model.embedding_size)
     model = model.to(device)
+    if config.extra.get("zero_head"):
+        zero_head(model)
     aux: nn.Module | None = None
     if config.algo == "metasgd":
         aux = MetaSGDLR(model, init=config.inner_lr)
     elif config.algo == "matching" and config.extra.get("fce"):
         aux = FullContextEmbedding(model.embedding_size, steps=int(config.extra["fce"]))
     return model, aux if aux is None else aux.to(device)
+
+
+def zero_head(model: nn.Module) -> None:
+    """The zeroing trick (Kao et al. 2022, "MAML is a noisy contrastive learner in classification"): set the
+    head's weight and bias to 0, as after every meta-update of a --zero-head run. Each task then adapts from a
+    zero head: for cross-entropy its first inner step makes row c of the head inner_lr * (the mean support feature
+    of class c minus 1/n_way times that of all classes), a prototype-like classifier, and the meta-gradient
+    carries no noise from a random initial head."""
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"zero_head: the model needs a linear `head`, {type(model).__name__} has none")
+    with torch.no_grad():
+        head.weight.zero_()
+        if head.bias is not None:
+            head.bias.zero_()
 
 
 def datasets(config: RunConfig, part: str = "train", shard: tuple[int, int] = (0, 1)) -> torch.utils.data.Dataset:
@@ -262,6 +282,8 @@ def _step(
     if config.algo == "metalstm":
         torch.nn.utils.clip_grad_norm_(params, 0.25)  # Ravi & Larochelle clip the meta-gradient's norm to 0.25
     opt.step()
+    if config.extra.get("zero_head"):
+        zero_head(model)
     loss, acc, stop = stats.tolist()
     return {"loss": loss, "accuracy": None if math.isnan(acc) else acc, "stop": stop > 0}
 

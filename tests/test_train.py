@@ -141,6 +141,8 @@ def test_train_errors(tmp_path, capsys):
     assert code == 2 and "koch backbone is an embedding network" in err
     code, _, err = run(["train", "--dataset", "omniglot", "--algo", "snail", "--train-shot", "5"], capsys)
     assert code == 2 and "train_shot: SNAIL reads sequences of n_way * k_shot + 1" in err
+    code, _, err = run(["train", "--dataset", "omniglot", "--algo", "snail", "--zero-head"], capsys)
+    assert code == 2 and "zero_head is for the gradient-based learners" in err and "not 'snail'" in err
     code, _, err = run(["train", "--train-shot", "0", "--out", str(tmp_path / "j")], capsys)
     assert code == 2 and "train_shot must be >= 1, got 0" in err
     if OMNIGLOT.is_dir():
@@ -291,6 +293,43 @@ def test_eval_tests_the_asked_episodes_on_every_part(tmp_path, monkeypatch):
     assert shots == [("train", 5), ("trainval", 5), ("test", 5)]
     assert training.evaluate(tmp_path / "run" / "checkpoint.pt", episodes=2, k_shot=7)["config"]["k_shot"] == 7
     assert shots[-1] == ("test", 7)
+
+
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "metasgd", "reptile"])
+def test_zero_head_keeps_the_head_at_zero_and_trains_the_body(tmp_path, algo):
+    """--zero-head (Kao et al.'s zeroing trick): every task adapts from a zero head, so the head is 0 after
+    every meta-update, while the layers below it learn; without it the head learns too."""
+    runs = {}
+    for zero in (True, False):
+        config = RunConfig.make(
+            "sinusoid", algo=algo, iterations=4, val_every=4, val_episodes=1, extra={"zero_head": True} if zero else {}
+        )
+        torch.manual_seed(0)
+        initial = training.build_model(config)[0].state_dict()
+        training.train(config, tmp_path / f"{algo}{zero}")
+        runs[zero] = initial, torch.load(tmp_path / f"{algo}{zero}" / "checkpoint.pt", weights_only=False)["model"]
+    initial, trained = runs[True]
+    assert torch.all(initial["head.weight"] == 0) and torch.all(initial["head.bias"] == 0)
+    assert torch.all(trained["head.weight"] == 0) and torch.all(trained["head.bias"] == 0)
+    assert not torch.equal(trained["features.0.weight"], initial["features.0.weight"])
+    initial, trained = runs[False]
+    assert not torch.equal(trained["head.weight"], initial["head.weight"])
+    # evaluation adapts from the zero head: before any step the model is the zero function (MSE = mean y^2)
+    config = RunConfig.make("sinusoid", algo=algo, extra={"zero_head": True})
+    model, aux = training.build_model(config)
+    model.load_state_dict(runs[True][1])
+    if aux is not None:
+        aux.load_state_dict(torch.load(tmp_path / f"{algo}True" / "checkpoint.pt", weights_only=False)["aux"])
+    episodes = training.datasets(config, "val")
+    squares = torch.cat([episodes[i].query_y.flatten() for i in range(2)]).square().mean().item()
+    unadapted = training.evaluate_model(model, aux, config, episodes, 2, 0)["mean"]
+    assert unadapted == pytest.approx(squares, rel=1e-5)
+    assert training.evaluate_model(model, aux, config, episodes, 2, 5)["mean"] < unadapted
+
+
+def test_zero_head_needs_a_linear_head():
+    with pytest.raises(ValueError, match="zero_head: the model needs a linear `head`"):
+        training.zero_head(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 def test_per_algorithm_defaults():
