@@ -12,10 +12,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastmeta import MetaSGDLR, distributed, maml_step, reptile_step
 from fastmeta.algorithms import protonet_step, siamese_step
+from fastmeta.algorithms.matching import FullContextEmbedding, matching_step
+from fastmeta.algorithms.meta_lstm import MetaLSTM, meta_lstm_step
+from fastmeta.algorithms.snail import SNAIL, snail_step
 from fastmeta.data import EpisodeSampler
 from fastmeta.models import Conv4
 
-MODES = ("maml", "fomaml", "metasgd", "reptile", "protonet", "siamese")
+MODES = ("maml", "fomaml", "metasgd", "reptile", "protonet", "siamese", "matching", "snail", "metalstm")
 
 
 class MetaStep(nn.Module):
@@ -39,16 +42,29 @@ def meta_gradients(tasks: int) -> dict:
     torch.manual_seed(0)
     model = Conv4(n_way=3, in_channels=1, hidden=4, image_size=16).double()
     lrs = MetaSGDLR(model, init=0.1).double()
+    fce = FullContextEmbedding(3, steps=2).double()  # matching networks' embeddings of the Conv4's logits
+    snail = SNAIL(3, 1, Conv4(n_way=None, hidden=4, image_size=16), 4).double()
+    meta_lstm = MetaLSTM(Conv4(n_way=3, hidden=2, image_size=16), hidden=4).double()
+    own = {"metasgd": [model, lrs], "matching": [model, fce], "snail": [snail], "metalstm": [meta_lstm]}
     results: dict = {}
     for mode in MODES:
-        params = list(model.parameters()) + (list(lrs.parameters()) if mode == "metasgd" else [])
+        params = [p for module in own.get(mode, [model]) for p in module.parameters()]
         for p in params:
             p.grad = None
         if mode == "reptile":
             out = reptile_step(model, batch, 0.1, 2)
             loss = out.task_losses.mean()
-        elif mode in ("protonet", "siamese"):  # metric learners: the Conv4's logits as the embedding
-            out = protonet_step(model, batch) if mode == "protonet" else siamese_step(model, batch)
+        elif mode in ("protonet", "siamese", "matching", "snail", "metalstm"):
+            if mode == "protonet":  # metric learners: the Conv4's logits as the embedding
+                out = protonet_step(model, batch)
+            elif mode == "siamese":
+                out = siamese_step(model, batch)
+            elif mode == "matching":
+                out = matching_step(model, batch, fce=fce, scale=5.0)
+            elif mode == "snail":
+                out = snail_step(snail, batch)
+            else:
+                out = meta_lstm_step(meta_lstm, batch, 2)
             out.loss.backward()
             loss = out.loss.detach()
         else:

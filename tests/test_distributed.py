@@ -83,8 +83,9 @@ def _oracle(tasks: int) -> dict:
 
 @needs_gloo
 def test_two_processes_give_the_single_process_meta_gradient(tmp_path):
-    """2 gloo processes, 5 tasks split 2 + 3: MAML, FOMAML, Meta-SGD, Reptile, prototypical and Siamese
-    meta-gradients (and DDP around a meta-step module) equal one process's on all 5 tasks, in float64."""
+    """2 gloo processes, 5 tasks split 2 + 3: MAML, FOMAML, Meta-SGD, Reptile, prototypical, Siamese, matching
+    (with full-context embeddings), SNAIL and Meta-LSTM meta-gradients (and DDP around a meta-step module) equal
+    one process's on all 5 tasks, in float64."""
     out = tmp_path / "grads.pt"
     torchrun(2, str(HERE / "dist_worker.py"), str(out), "5")
     got = torch.load(out, weights_only=False)
