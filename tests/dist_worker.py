@@ -46,29 +46,25 @@ def meta_gradients(tasks: int) -> dict:
     snail = SNAIL(3, 1, Conv4(n_way=None, hidden=4, image_size=16), 4).double()
     meta_lstm = MetaLSTM(Conv4(n_way=3, hidden=2, image_size=16), hidden=4).double()
     own = {"metasgd": [model, lrs], "matching": [model, fce], "snail": [snail], "metalstm": [meta_lstm]}
+    objectives = {  # every mode but Reptile: a loss to backpropagate (metric learners embed with the Conv4's logits)
+        "maml": lambda: maml_step(model, batch, 0.1, 2),
+        "fomaml": lambda: maml_step(model, batch, 0.1, 2, first_order=True),
+        "metasgd": lambda: maml_step(model, batch, lrs, 2),
+        "protonet": lambda: protonet_step(model, batch),
+        "siamese": lambda: siamese_step(model, batch),
+        "matching": lambda: matching_step(model, batch, fce=fce, scale=5.0),
+        "snail": lambda: snail_step(snail, batch),
+        "metalstm": lambda: meta_lstm_step(meta_lstm, batch, 2),
+    }
     results: dict = {}
     for mode in MODES:
         params = [p for module in own.get(mode, [model]) for p in module.parameters()]
         for p in params:
             p.grad = None
         if mode == "reptile":
-            out = reptile_step(model, batch, 0.1, 2)
-            loss = out.task_losses.mean()
-        elif mode in ("protonet", "siamese", "matching", "snail", "metalstm"):
-            if mode == "protonet":  # metric learners: the Conv4's logits as the embedding
-                out = protonet_step(model, batch)
-            elif mode == "siamese":
-                out = siamese_step(model, batch)
-            elif mode == "matching":
-                out = matching_step(model, batch, fce=fce, scale=5.0)
-            elif mode == "snail":
-                out = snail_step(snail, batch)
-            else:
-                out = meta_lstm_step(meta_lstm, batch, 2)
-            out.loss.backward()
-            loss = out.loss.detach()
+            loss = reptile_step(model, batch, 0.1, 2).task_losses.mean()
         else:
-            out = maml_step(model, batch, lrs if mode == "metasgd" else 0.1, 2, first_order=mode == "fomaml")
+            out = objectives[mode]()
             out.loss.backward()
             loss = out.loss.detach()
         total = distributed.all_reduce_gradients(params, share, (loss * share).view(1))

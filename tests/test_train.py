@@ -307,19 +307,19 @@ def test_zero_head_keeps_the_head_at_zero_and_trains_the_body(tmp_path, algo):
         torch.manual_seed(0)
         initial = training.build_model(config)[0].state_dict()
         training.train(config, tmp_path / f"{algo}{zero}")
-        runs[zero] = initial, torch.load(tmp_path / f"{algo}{zero}" / "checkpoint.pt", weights_only=False)["model"]
-    initial, trained = runs[True]
+        runs[zero] = initial, torch.load(tmp_path / f"{algo}{zero}" / "checkpoint.pt", weights_only=False)
+    initial, trained = runs[True][0], runs[True][1]["model"]
     assert torch.all(initial["head.weight"] == 0) and torch.all(initial["head.bias"] == 0)
     assert torch.all(trained["head.weight"] == 0) and torch.all(trained["head.bias"] == 0)
     assert not torch.equal(trained["features.0.weight"], initial["features.0.weight"])
-    initial, trained = runs[False]
+    initial, trained = runs[False][0], runs[False][1]["model"]
     assert not torch.equal(trained["head.weight"], initial["head.weight"])
     # evaluation adapts from the zero head: before any step the model is the zero function (MSE = mean y^2)
     config = RunConfig.make("sinusoid", algo=algo, extra={"zero_head": True})
     model, aux = training.build_model(config)
-    model.load_state_dict(runs[True][1])
+    model.load_state_dict(runs[True][1]["model"])
     if aux is not None:
-        aux.load_state_dict(torch.load(tmp_path / f"{algo}True" / "checkpoint.pt", weights_only=False)["aux"])
+        aux.load_state_dict(runs[True][1]["aux"])
     episodes = training.datasets(config, "val")
     squares = torch.cat([episodes[i].query_y.flatten() for i in range(2)]).square().mean().item()
     unadapted = training.evaluate_model(model, aux, config, episodes, 2, 0)["mean"]
