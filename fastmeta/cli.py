@@ -70,10 +70,10 @@ def _bench(args: argparse.Namespace) -> int:
         )
         print(bench.format_table(maml_rows))
         rows += maml_rows
-    if args.device.startswith("cuda"):
+    if args.device.startswith("cuda") and args.op in ("all", "fast_weight_update"):
         print("\nforward bandwidth (bytes read and written at least / median time) against a same-sized copy:\n")
         print("| workload | fastmeta | copy | fastmeta / copy |\n|---|---:|---:|---:|")
-        for w in workloads if args.op in ("all", "fast_weight_update") else []:
+        for w in workloads:
             t = next(
                 r["seconds"]
                 for r in rows
