@@ -40,10 +40,15 @@ echo "== build"
 # compiler is tried first, the environment's CXX second, and the first build that passes smoke() is used.
 echo "CC=${CC:-} CXX=${CXX:-}; g++ on PATH: $(which -a g++ | tr '\n' ' ')"
 env_cc=${CC:-}; env_cxx=${CXX:-}
+compilers=()
+[ -x /usr/bin/g++ ] && compilers+=(/usr/bin/g++)
+[ -n "$env_cxx" ] && [ "$(command -v "$env_cxx")" != /usr/bin/g++ ] && compilers+=("$env_cxx")
+[ ${#compilers[@]} -gt 0 ] || compilers+=(g++)
 built=0
-for cxx in /usr/bin/g++ "$env_cxx"; do
-  [ -n "$cxx" ] && [ -x "$(command -v "$cxx")" ] || continue
-  if [ "$cxx" = /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; else export CC="$env_cc" CXX="$env_cxx"; fi
+for cxx in "${compilers[@]}"; do
+  unset CC CXX
+  if [ "$cxx" = /usr/bin/g++ ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+  if [ "$cxx" = "$env_cxx" ]; then export CXX="$env_cxx"; [ -n "$env_cc" ] && export CC="$env_cc"; fi
   rm -rf build fastmeta/_C*.so
   build || continue
   if smoke; then built=1; break; fi
