@@ -21,13 +21,15 @@ build() {
   echo "built at ${SECONDS} s with ${CXX:-the default compiler}"
 }
 # An error raised in the kernels must reach Python as an exception on both devices, not crash the process.
+# bad_call(DEV): an op call that the kernels reject (mismatched shapes).
+bad_call() { echo "torch.ops.fastmeta.pairwise_distance(torch.ones(2, 3, device=$1), torch.ones(3, 3, device=$1), 0.0)"; }
 smoke() {
   timeout 60 $PY -c "
 import torch, fastmeta
 print(fastmeta.kernels_info())
 for dev in ('cpu', 'cuda'):
     try:
-        torch.ops.fastmeta.pairwise_distance(torch.ones(2, 3, device=dev), torch.ones(3, 3, device=dev), 0.0)
+        $(bad_call dev)
     except (ValueError, RuntimeError) as e:
         print(dev, 'error raised cleanly:', type(e).__name__)
 " 2>&1 | tail -4
@@ -54,7 +56,7 @@ for cxx in "${compilers[@]}"; do
   if smoke; then built=1; break; fi
   echo "!! with $cxx, an error raised in the kernels crashed the process; backtrace, compiler, libraries:"
   timeout 60 cuda-gdb -q -batch -ex run -ex bt --args $PY -c \
-    "import torch, fastmeta; torch.ops.fastmeta.pairwise_distance(torch.ones(2, 3), torch.ones(3, 3), 0.0)" 2>&1 \
+    "import torch, fastmeta; $(bad_call "'cpu'")" 2>&1 \
     | grep -v "^\[New Thread\|^\[Thread" | grep -A12 -m1 "SIGSEGV" | tee -a "$OUTDIR/build.log"
   echo "$cxx: $($cxx --version 2>&1 | head -1)"
   ldd fastmeta/_C*.so | grep -i "stdc++\|gcc_s\|gomp"
