@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     t.add_argument(
         "--zero-head", action="store_true",
-        help="maml, fomaml, metasgd, reptile: the zeroing trick, every task adapts from a zero head (Kao et al. 2022)",
+        help="maml, fomaml, metasgd, reptile, metalstm: the zeroing trick, every task adapts from a zero head "
+        "(Kao et al. 2022)",
     )  # fmt: skip
     t.add_argument("--backbone", choices=["conv4", "koch"], default=None, help="metric learners' embedding")
     t.add_argument("--image-size", type=int, default=None, help="Omniglot images resized to this (default 28)")

@@ -120,8 +120,10 @@ class RunConfig:
         for key, algo in (("fce", "matching"), ("scale", "matching"), ("margin", "siamese"), ("pairs", "siamese")):
             if self.extra.get(key) is not None and self.algo != algo:
                 raise ValueError(f"{key} is for {algo}, not {self.algo!r}")
-        if self.extra.get("zero_head") and self.algo not in GRADIENT:
-            raise ValueError(f"zero_head is for the gradient-based learners {GRADIENT}, not {self.algo!r}")
+        if self.extra.get("zero_head") and self.algo not in GRADIENT + ("metalstm",):
+            raise ValueError(
+                f"zero_head is for the learners that adapt a head, {GRADIENT + ('metalstm',)}, not {self.algo!r}"
+            )
         if self.extra.get("pairs") not in (None, "all_pairs", "pairs"):
             raise ValueError(f"pairs must be all_pairs or pairs, got {self.extra['pairs']!r}")
         if self.train_way is not None and self.algo not in METRIC:
@@ -199,7 +201,10 @@ def zero_head(model: nn.Module) -> None:
     head's weight and bias to 0, as after every meta-update of a --zero-head run. Each task then adapts from a
     zero head: for cross-entropy its first inner step makes row c of the head inner_lr * (the mean support feature
     of class c minus 1/n_way times that of all classes), a prototype-like classifier, and the meta-gradient
-    carries no noise from a random initial head."""
+    carries no noise from a random initial head. For a MetaLSTM, its learner's head (the head's part of the
+    initial cell state theta_0)."""
+    if isinstance(model, MetaLSTM):
+        model = model.learner
     head = getattr(model, "head", None)
     if not isinstance(head, nn.Linear):
         raise ValueError(f"zero_head: the model needs a linear `head`, {type(model).__name__} has none")

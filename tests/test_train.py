@@ -142,7 +142,7 @@ def test_train_errors(tmp_path, capsys):
     code, _, err = run(["train", "--dataset", "omniglot", "--algo", "snail", "--train-shot", "5"], capsys)
     assert code == 2 and "train_shot: SNAIL reads sequences of n_way * k_shot + 1" in err
     code, _, err = run(["train", "--dataset", "omniglot", "--algo", "snail", "--zero-head"], capsys)
-    assert code == 2 and "zero_head is for the gradient-based learners" in err and "not 'snail'" in err
+    assert code == 2 and "zero_head is for the learners that adapt a head" in err and "not 'snail'" in err
     code, _, err = run(["train", "--train-shot", "0", "--out", str(tmp_path / "j")], capsys)
     assert code == 2 and "train_shot must be >= 1, got 0" in err
     if OMNIGLOT.is_dir():
@@ -295,10 +295,12 @@ def test_eval_tests_the_asked_episodes_on_every_part(tmp_path, monkeypatch):
     assert shots[-1] == ("test", 7)
 
 
-@pytest.mark.parametrize("algo", ["maml", "fomaml", "metasgd", "reptile"])
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "metasgd", "reptile", "metalstm"])
 def test_zero_head_keeps_the_head_at_zero_and_trains_the_body(tmp_path, algo):
     """--zero-head (Kao et al.'s zeroing trick): every task adapts from a zero head, so the head is 0 after
-    every meta-update, while the layers below it learn; without it the head learns too."""
+    every meta-update, while the layers below it learn; without it the head learns too. The Meta-LSTM's head is
+    its learner's (the head's part of the initial cell state)."""
+    pre = "learner." if algo == "metalstm" else ""
     runs = {}
     for zero in (True, False):
         config = RunConfig.make(
@@ -309,11 +311,11 @@ def test_zero_head_keeps_the_head_at_zero_and_trains_the_body(tmp_path, algo):
         training.train(config, tmp_path / f"{algo}{zero}")
         runs[zero] = initial, torch.load(tmp_path / f"{algo}{zero}" / "checkpoint.pt", weights_only=False)
     initial, trained = runs[True][0], runs[True][1]["model"]
-    assert torch.all(initial["head.weight"] == 0) and torch.all(initial["head.bias"] == 0)
-    assert torch.all(trained["head.weight"] == 0) and torch.all(trained["head.bias"] == 0)
-    assert not torch.equal(trained["features.0.weight"], initial["features.0.weight"])
+    assert torch.all(initial[pre + "head.weight"] == 0) and torch.all(initial[pre + "head.bias"] == 0)
+    assert torch.all(trained[pre + "head.weight"] == 0) and torch.all(trained[pre + "head.bias"] == 0)
+    assert not torch.equal(trained[pre + "features.0.weight"], initial[pre + "features.0.weight"])
     initial, trained = runs[False][0], runs[False][1]["model"]
-    assert not torch.equal(trained["head.weight"], initial["head.weight"])
+    assert not torch.equal(trained[pre + "head.weight"], initial[pre + "head.weight"])
     # evaluation adapts from the zero head: before any step the model is the zero function (MSE = mean y^2)
     config = RunConfig.make("sinusoid", algo=algo, extra={"zero_head": True})
     model, aux = training.build_model(config)
