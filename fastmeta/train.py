@@ -49,17 +49,19 @@ DEFAULTS = {
 }  # fmt: skip
 # Per (dataset, algo), on top:
 # - the Meta-LSTM reads T * P coordinates (P = 112k for a Conv4) through its LSTM at every update, so it takes fewer
-#   tasks per step, and the paper's 5 updates;
+#   tasks per step, and the paper's 5 updates; its inner_lr is the input gate's initial value (the learned rate),
+#   0.011 as the paper's b_i in [-5, -4];
 # - Reptile moves the weights by meta_lr (Nichol et al.'s outer step size epsilon, 1 annealed linearly to 0) times
 #   theta - mean(adapted weights), and with one inner step it is joint training: Nichol et al.'s Omniglot settings
 #   (5 tasks a step, 5 inner steps, 10-shot training episodes; SGD inner steps here, not their Adam; 10 test steps)
 #   and, for sinusoids, their inner rate 0.02 (a 40-40 MLP: 1000 steps take the MSE after 10 test steps 4.0 -> 0.7).
 ALGO_DEFAULTS = {
-    ("omniglot", "metalstm"): dict(meta_batch=8, inner_steps=5, eval_inner_steps=5),
+    ("omniglot", "metalstm"): dict(meta_batch=8, inner_steps=5, eval_inner_steps=5, inner_lr=0.011),
     ("omniglot", "reptile"): dict(
         meta_batch=5, inner_steps=5, eval_inner_steps=10, train_shot=10, inner_lr=0.1, meta_lr=1.0
     ),
     ("sinusoid", "reptile"): dict(inner_steps=5, inner_lr=0.02, meta_lr=1.0),
+    ("sinusoid", "metalstm"): dict(inner_lr=0.011),
 }
 
 
@@ -182,7 +184,7 @@ def build_model(
     learns, if any: Meta-SGD's inner rates (MetaSGDLR) or the full-context embeddings of matching networks."""
     model = from_config(model_config or config.model_config())
     if config.algo == "metalstm":  # the learner inside its meta-learner: one module, one state dict
-        model = MetaLSTM(model, hidden=20)
+        model = MetaLSTM(model, hidden=20, init_lr=config.inner_lr)
     elif config.algo == "snail":
         model = SNAIL(config.n_way, config.k_shot, model, model.embedding_size)
     model = model.to(device)

@@ -117,3 +117,16 @@ def test_learns_to_adapt():
     meta_train(lambda b: meta_lstm_step(meta, b, 3), meta.parameters(), sampler, 80, 1e-2)
     after = meta_lstm_step(meta, sampler[1000], 3).accuracy.mean()
     assert after > before + 0.2 and after > 0.75
+
+
+def test_init_lr_sets_the_first_rate():
+    """The input gate (the learned rate) starts at the paper's b_i in [-5, -4], or around logit(init_lr)."""
+    torch.manual_seed(0)
+    assert -5 <= MetaLSTM(MLP((3, 2))).input_gate.bias.item() <= -4
+    for lr in (0.011, 0.1, 0.5):
+        rate = torch.sigmoid(MetaLSTM(MLP((3, 2)), init_lr=lr).input_gate.bias).item()
+        logit = math.log(lr / (1 - lr))
+        assert 1 / (1 + math.exp(0.5 - logit)) <= rate <= 1 / (1 + math.exp(-0.5 - logit))
+    for bad in (0.0, 1.0, -0.1, 2.0):
+        with pytest.raises(ValueError, match="init_lr"):
+            MetaLSTM(MLP((3, 2)), init_lr=bad)

@@ -337,6 +337,13 @@ def test_zero_head_needs_a_linear_head():
 def test_per_algorithm_defaults():
     assert RunConfig.make("omniglot", algo="metalstm").meta_batch == 8  # T * P LSTM rows: fewer tasks
     assert RunConfig.make("omniglot", algo="metalstm", meta_batch=3).meta_batch == 3  # what the user says wins
+    for dataset in ("omniglot", "sinusoid"):  # the Meta-LSTM's first rate: the paper's, unless told
+        config = RunConfig.make(dataset, algo="metalstm")
+        assert config.inner_lr == 0.011
+        assert -5 <= training.build_model(config)[0].input_gate.bias.item() <= -4
+    torch.manual_seed(0)
+    config = RunConfig.make("omniglot", algo="metalstm", inner_lr=0.2)
+    assert torch.sigmoid(training.build_model(config)[0].input_gate.bias).item() == pytest.approx(0.2, abs=0.1)
     assert RunConfig.make("omniglot", algo="maml").meta_batch == 32
     assert RunConfig.make("sinusoid", algo="metalstm").meta_batch == 25
     reptile = RunConfig.make("omniglot", algo="reptile")  # Nichol et al.'s: 5 tasks, 5 steps, 10-shot training

@@ -42,10 +42,13 @@ class MetaLSTM(nn.Module):
     Layer 1: an LSTM cell (hidden size `hidden`) over each coordinate's preprocessed (gradient, loss), 4 inputs.
     Layer 2, the meta-learner cell: i_t = sigmoid(W_i [h_t, theta_{t-1}, i_{t-1}] + b_i),
     f_t = sigmoid(W_f [h_t, theta_{t-1}, f_{t-1}] + b_f), theta_t = f_t theta_{t-1} - i_t grad_t. b_f starts
-    in [4, 6] (f near 1: keep the weights) and b_i in [-5, -4] (a small rate), as in the paper.
+    in [4, 6] (f near 1: keep the weights) and b_i in [-5, -4] (a small rate, about 0.011), as in the paper;
+    `init_lr` centres b_i on logit(init_lr) instead (+- 0.5), so the first updates take that rate.
     Gradients and losses enter as inputs without second derivatives (the paper's simplification)."""
 
-    def __init__(self, learner: nn.Module, hidden: int = 20) -> None:
+    def __init__(self, learner: nn.Module, hidden: int = 20, init_lr: float | None = None) -> None:
+        if init_lr is not None and not 0 < init_lr < 1:
+            raise ValueError(f"MetaLSTM: init_lr is a sigmoid gate's initial value, in (0, 1), got {init_lr}")
         super().__init__()
         self.learner = learner
         self.hidden = hidden
@@ -55,7 +58,8 @@ class MetaLSTM(nn.Module):
         with torch.no_grad():
             self.input_gate.weight.uniform_(-0.01, 0.01)
             self.forget_gate.weight.uniform_(-0.01, 0.01)
-            self.input_gate.bias.uniform_(-5, -4)
+            centre = -4.5 if init_lr is None else math.log(init_lr / (1 - init_lr))
+            self.input_gate.bias.uniform_(centre - 0.5, centre + 0.5)
             self.forget_gate.bias.uniform_(4, 6)
 
     def predict(self, fast_weights: dict[str, Tensor], x: Tensor, strategy: str = "auto") -> Tensor:
