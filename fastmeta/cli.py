@@ -180,8 +180,9 @@ def _train_in(args: argparse.Namespace, rank: int, size: int, device: torch.devi
                     ("margin", args.margin),
                     ("pairs", args.pairs),
                     ("zero_head", args.zero_head),
+                    ("layers", args.layers),
                 )
-                if v
+                if v is not None and v is not False  # a 0 the user gave is checked, not dropped
             }
             or None,
         )
@@ -292,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         help="matching: cosine similarities times this before the softmax (default 1, as Vinyals et al.)",
     )  # fmt: skip
     t.add_argument("--margin", type=float, default=None, help="siamese: contrastive margin (default 1)")
+    t.add_argument(
+        "--layers", type=int, default=None, help="sinusoid: hidden layers of the MLP, --hidden units each (default 2)"
+    )
     t.add_argument(
         "--pairs", choices=["all_pairs", "pairs"], default=None,
         help="siamese: every pair of an episode (default) or each query with each support example",

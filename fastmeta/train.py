@@ -122,6 +122,15 @@ class RunConfig:
         for key, algo in (("fce", "matching"), ("scale", "matching"), ("margin", "siamese"), ("pairs", "siamese")):
             if self.extra.get(key) is not None and self.algo != algo:
                 raise ValueError(f"{key} is for {algo}, not {self.algo!r}")
+        for key, low in (("fce", 1), ("scale", None), ("margin", None)):
+            value = self.extra.get(key)
+            if value is not None and (value < low if low is not None else value <= 0):
+                raise ValueError(f"{key} must be {f'>= {low}' if low is not None else '> 0'}, got {value}")
+        layers = self.extra.get("layers")
+        if layers is not None and (self.dataset != "sinusoid" or not isinstance(layers, int) or layers < 1):
+            raise ValueError(
+                f"layers is the sinusoid MLP's number of hidden layers, >= 1; got {layers!r} for {self.dataset}"
+            )
         if self.extra.get("zero_head") and self.algo not in GRADIENT + ("metalstm",):
             raise ValueError(
                 f"zero_head is for the learners that adapt a head, {GRADIENT + ('metalstm',)}, not {self.algo!r}"
@@ -164,7 +173,7 @@ class RunConfig:
 
     def model_config(self) -> dict:
         if self.dataset == "sinusoid":
-            return {"model": "MLP", "sizes": [1, self.hidden, self.hidden, 1]}
+            return {"model": "MLP", "sizes": [1, *[self.hidden] * self.extra.get("layers", 2), 1]}
         if self.backbone == "koch":
             return {"model": "KochNet", "in_channels": 1, "image_size": self.image_size, "embedding_size": 4096}
         n_way = None if self.algo in EPISODIC else self.n_way  # an embedding network

@@ -143,6 +143,17 @@ def test_train_errors(tmp_path, capsys):
     assert code == 2 and "train_shot: SNAIL reads sequences of n_way * k_shot + 1" in err
     code, _, err = run(["train", "--dataset", "omniglot", "--algo", "snail", "--zero-head"], capsys)
     assert code == 2 and "zero_head is for the learners that adapt a head" in err and "not 'snail'" in err
+    code, _, err = run(["train", "--dataset", "omniglot", "--layers", "3", "--out", str(tmp_path / "k")], capsys)
+    assert code == 2 and "layers is the sinusoid MLP's number of hidden layers" in err and "omniglot" in err
+    code, _, err = run(["train", "--layers", "0", "--out", str(tmp_path / "l")], capsys)
+    assert code == 2 and "hidden layers, >= 1; got 0" in err
+    for flag, value, text in (("--scale", "0", "scale must be > 0"), ("--fce", "0", "fce must be >= 1")):
+        args = ["train", "--dataset", "omniglot", "--algo", "matching", flag, value, "--out", str(tmp_path / "m")]
+        code, _, err = run(args, capsys)
+        assert code == 2 and f"{text}, got 0" in err
+    args = ["train", "--dataset", "omniglot", "--algo", "siamese", "--margin", "-1", "--out", str(tmp_path / "n")]
+    code, _, err = run(args, capsys)
+    assert code == 2 and "margin must be > 0, got -1.0" in err
     code, _, err = run(["train", "--train-shot", "0", "--out", str(tmp_path / "j")], capsys)
     assert code == 2 and "train_shot must be >= 1, got 0" in err
     if OMNIGLOT.is_dir():
@@ -350,3 +361,13 @@ def test_per_algorithm_defaults():
     assert (reptile.meta_batch, reptile.inner_steps, reptile.train_shot, reptile.meta_lr) == (5, 5, 10, 1.0)
     assert (reptile.k_shot, RunConfig.make("omniglot", algo="maml").train_shot) == (1, None)
     assert RunConfig.make("sinusoid", algo="reptile").meta_lr == 1.0  # epsilon, not Adam's 1e-3
+
+
+def test_layers_sets_the_sinusoid_mlp_depth(tmp_path, capsys):
+    """--layers N --hidden H trains an MLP (1, H x N, 1), which eval rebuilds from the checkpoint."""
+    code, _, _ = run(["train", "--layers", "3", "--hidden", "8", *QUICK, "--out", str(tmp_path / "r")], capsys)
+    assert code == 0
+    state = torch.load(tmp_path / "r" / "best.pt", weights_only=False)
+    assert [v.shape for k, v in state["model"].items() if k.endswith("weight")] == [(8, 1), (8, 8), (8, 8), (1, 8)]
+    code, out, _ = run(["eval", str(tmp_path / "r" / "best.pt"), "--episodes", "20"], capsys)
+    assert code == 0 and "mse" in out.lower()
