@@ -32,6 +32,7 @@ ALGOS = ("maml", "fomaml", "metasgd", "reptile", "pretrain", "metalstm", "snail"
 METRIC = ("protonet", "matching", "siamese")  # learners that classify by comparing embeddings: no head, no inner loop
 EPISODIC = METRIC + ("snail",)  # read the support set itself: an embedding network, no inner steps
 GRADIENT = ("maml", "fomaml", "metasgd", "reptile")  # adapt a network with a head by gradient steps
+HEADED = GRADIENT + ("metalstm",)  # adapt a linear head: --zero-head applies
 BACKBONES = ("conv4", "koch")
 SCHEDULES = (None, "constant", "linear", "cosine")
 DATASETS = ("sinusoid", "omniglot")
@@ -131,10 +132,10 @@ class RunConfig:
             raise ValueError(
                 f"layers is the sinusoid MLP's number of hidden layers, >= 1; got {layers!r} for {self.dataset}"
             )
-        if self.extra.get("zero_head") and self.algo not in GRADIENT + ("metalstm",):
-            raise ValueError(
-                f"zero_head is for the learners that adapt a head, {GRADIENT + ('metalstm',)}, not {self.algo!r}"
-            )
+        if self.extra.get("zero_head") and self.algo not in HEADED:
+            raise ValueError(f"zero_head is for the learners that adapt a head, {HEADED}, not {self.algo!r}")
+        if self.algo == "metalstm" and not 0 < self.inner_lr < 1:
+            raise ValueError(f"inner_lr is the Meta-LSTM's first rate (its input gate), in (0, 1), got {self.inner_lr}")
         if self.extra.get("pairs") not in (None, "all_pairs", "pairs"):
             raise ValueError(f"pairs must be all_pairs or pairs, got {self.extra['pairs']!r}")
         if self.train_way is not None and self.algo not in METRIC:

@@ -145,6 +145,8 @@ def test_train_errors(tmp_path, capsys):
     assert code == 2 and "zero_head is for the learners that adapt a head" in err and "not 'snail'" in err
     code, _, err = run(["train", "--dataset", "omniglot", "--layers", "3", "--out", str(tmp_path / "k")], capsys)
     assert code == 2 and "layers is the sinusoid MLP's number of hidden layers" in err and "omniglot" in err
+    code, _, err = run(["train", "--algo", "metalstm", "--inner-lr", "1.5", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "inner_lr is the Meta-LSTM's first rate (its input gate), in (0, 1), got 1.5" in err
     code, _, err = run(["train", "--layers", "0", "--out", str(tmp_path / "l")], capsys)
     assert code == 2 and "hidden layers, >= 1; got 0" in err
     for flag, value, text in (("--scale", "0", "scale must be > 0"), ("--fce", "0", "fce must be >= 1")):
