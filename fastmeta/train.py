@@ -123,10 +123,12 @@ class RunConfig:
         for key, algo in (("fce", "matching"), ("scale", "matching"), ("margin", "siamese"), ("pairs", "siamese")):
             if self.extra.get(key) is not None and self.algo != algo:
                 raise ValueError(f"{key} is for {algo}, not {self.algo!r}")
-        for key, low in (("fce", 1), ("scale", None), ("margin", None)):
+        for key, valid, bound in (
+            ("fce", lambda v: v >= 1, ">= 1"), ("scale", lambda v: v > 0, "> 0"), ("margin", lambda v: v > 0, "> 0")
+        ):  # fmt: skip
             value = self.extra.get(key)
-            if value is not None and (value < low if low is not None else value <= 0):
-                raise ValueError(f"{key} must be {f'>= {low}' if low is not None else '> 0'}, got {value}")
+            if value is not None and not valid(value):
+                raise ValueError(f"{key} must be {bound}, got {value}")
         layers = self.extra.get("layers")
         if layers is not None and (self.dataset != "sinusoid" or not isinstance(layers, int) or layers < 1):
             raise ValueError(
