@@ -225,7 +225,7 @@ def _eval(args: argparse.Namespace) -> int:
     c = r["config"]
     what = f"{c['n_way']}-way {c['k_shot']}-shot" if c["dataset"] == "omniglot" else f"{c['k_shot']}-shot"
     scale, unit = (100, "%") if r["metric"] == "accuracy" else (1, "")
-    steps = f", {r['inner_steps']} inner steps" if r["inner_steps"] is not None else ""  # None: no inner loop
+    steps = f", {r['inner_steps']} inner step{'s' if r['inner_steps'] != 1 else ''}" if r["inner_steps"] is not None else ""  # None: no inner loop
     print(
         f"{c['algo']} {c['dataset']} {what}, {args.part} split, {r['tasks']} tasks{steps}: "
         f"{r['metric']} {scale * r['mean']:.2f}{unit} +- {scale * r['ci95']:.2f}{unit} (95% CI)"
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         t.add_argument(f"--{name}", type=kind, default=None, help=text)
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("eval", help="meta-test a checkpoint: mean accuracy (or MSE) with a 95% confidence interval")
+    e = sub.add_parser("eval", help="meta-test a checkpoint: mean accuracy (or MSE) with a 95%% confidence interval")
     e.add_argument("checkpoint", help="a checkpoint.pt or best.pt written by train")
     e.add_argument("--episodes", type=int, default=1000, help="test tasks (default 1000)")
     e.add_argument("--part", choices=["train", "val", "trainval", "test"], default="test")
