@@ -20,6 +20,8 @@ from torch import Tensor, nn
 
 from fastmeta import ops
 from fastmeta.algorithms._batched import BatchedModel, LoopModel, VmapModel, runner, tasks_first
+from fastmeta.algorithms.common import per_task_fast_weights as _per_task_weights
+from fastmeta.algorithms.common import query_accuracy as _accuracy
 from fastmeta.data import TaskBatch
 
 __all__ = ["maml_step", "adapt", "MAMLOutput", "AdaptedModel", "InnerLR", "MetaSGDLR", "LSLR", "msl_weights"]
@@ -447,17 +449,6 @@ def _steps(
             )
         fast = ops.fast_weight_update(fast, grads, lr_of(s))
         yield fast, losses.detach()
-
-
-def _per_task_weights(params: dict[str, Tensor], adapted: list[str], fast: list[Tensor], T: int) -> dict[str, Tensor]:
-    """name -> (T, *S): the fast weights, the shared initial ones expanded where no step was taken."""
-    return {n: f if f.dim() > params[n].dim() else f.expand(T, *f.shape) for n, f in zip(adapted, fast)}
-
-
-def _accuracy(pred: Tensor, target: Tensor) -> Tensor | None:
-    if pred.dim() == 3 and target.dim() == 2 and not target.is_floating_point() and not target.is_complex():
-        return (pred.detach().argmax(-1) == target).to(pred.dtype).mean(1)
-    return None
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
