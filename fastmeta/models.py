@@ -1,13 +1,16 @@
-"""Backbones of few-shot learning, as nn.Sequential (so that maml_step runs them batched over tasks), each a
-`features` body and a `head` (ANIL: adapt_params=["head"])."""
+"""Backbones of few-shot learning, each an nn.Sequential of a `features` body and a `head` (ANIL:
+adapt_params=["head"]); maml_step runs them batched over tasks (Conv4, MLP and KochNet as a chain of layers,
+ResNet-12 through its traced graph)."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-__all__ = ["Conv4", "MLP", "KochNet"]
+__all__ = ["Conv4", "MLP", "KochNet", "ResNet12", "DropBlock"]
 
 
 class Conv4(nn.Sequential):
@@ -93,6 +96,129 @@ class KochNet(nn.Sequential):
         }
 
 
+class DropBlock(nn.Module):
+    """DropBlock (Ghiasi et al. 2018): in training, zero `block_size` x `block_size` squares of each feature map,
+    placed at random so that about `drop_rate` of the activations are dropped, and rescale each example by
+    (elements / kept elements); the identity in eval mode or with drop_rate 0. x (N, C, H, W) -> same shape.
+
+    The rescaling is per example (MetaOptNet's code rescales by the whole batch's count), so that each example's
+    output depends on that example alone: the task-batched runner calls it once on all tasks' examples
+    (`per_example`)."""
+
+    per_example = True  # fastmeta.algorithms._batched: acts on each example on its own, random or not
+
+    def __init__(self, drop_rate: float = 0.1, block_size: int = 5) -> None:
+        super().__init__()
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"DropBlock: drop_rate must be in [0, 1), got {drop_rate}")
+        if block_size < 1:
+            raise ValueError(f"DropBlock: block_size must be at least 1, got {block_size}")
+        self.drop_rate, self.block_size = drop_rate, block_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.drop_rate == 0.0:
+            return x
+        n, c, h, w = x.shape
+        bs = min(self.block_size, h, w)
+        # A block's corner is drawn where the whole block fits; gamma keeps the expected dropped fraction at
+        # drop_rate. Corner (i, j) drops rows i..i+bs-1 and columns j..j+bs-1: a max over a bs window.
+        gamma = self.drop_rate / bs**2 * (h * w) / ((h - bs + 1) * (w - bs + 1))
+        corners = (torch.rand(n, c, h - bs + 1, w - bs + 1, device=x.device) < gamma).to(x.dtype)
+        dropped = F.max_pool2d(F.pad(corners, (bs - 1,) * 4), bs, 1)
+        keep = 1.0 - dropped
+        scale = keep[0].numel() / keep.sum((1, 2, 3), keepdim=True).clamp(min=1.0)
+        return x * (keep * scale)
+
+    def extra_repr(self) -> str:
+        return f"drop_rate={self.drop_rate}, block_size={self.block_size}"
+
+
+class ResidualBlock(nn.Module):
+    """A ResNet-12 block: 3 x [conv3x3 (no bias), BatchNorm] with LeakyReLU(0.1) between them, a shortcut
+    conv1x1 + BatchNorm, their sum, LeakyReLU(0.1), maxpool 2, then an optional drop (dropout or DropBlock).
+    x (N, in_channels, H, W) -> (N, out_channels, H // 2, W // 2)."""
+
+    def __init__(self, in_channels: int, out_channels: int, drop: nn.Module | None = None) -> None:
+        super().__init__()
+
+        def bn() -> nn.BatchNorm2d:
+            return nn.BatchNorm2d(out_channels, track_running_stats=False)
+
+        self.conv1, self.bn1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), bn()
+        self.conv2, self.bn2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), bn()
+        self.conv3, self.bn3 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), bn()
+        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), bn())
+        self.act = nn.LeakyReLU(0.1)
+        self.pool = nn.MaxPool2d(2)
+        self.drop = drop if drop is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.act(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.drop(self.pool(self.act(out + self.shortcut(x))))
+
+
+class ResNet12(nn.Sequential):
+    """ResNet-12 of MetaOptNet (Lee et al. 2019) and TADAM (Oreshkin et al. 2018): 4 residual blocks of widths
+    `widths` (64-160-320-640), each 3 x [conv3x3, BatchNorm, LeakyReLU(0.1)] (the last LeakyReLU after adding a
+    conv1x1 + BatchNorm shortcut) and maxpool 2; then global average pooling to widths[-1] features and, with
+    `n_way`, a linear head. Input (N, in_channels, S, S), S >= 16 (84 for miniImageNet, 32 for CIFAR-FS/FC100);
+    output (N, n_way), or with n_way=None (no head: nn.Identity) the (N, widths[-1]) embedding.
+
+    BatchNorm uses batch statistics and keeps no running statistics (track_running_stats=False), as Conv4 and
+    MAML's code: under maml_step each task's support and query sets are normalised by their own statistics.
+    drop_rate > 0 adds MetaOptNet's regularisation after each block: dropout after blocks 1-2 and, with
+    `drop_block` (default), DropBlock of `block_size` squares after blocks 3-4 (plain dropout there otherwise).
+    Off by default. Both act per example, so the model still runs task-batched.
+    """
+
+    def __init__(
+        self,
+        n_way: int | None = 5,
+        in_channels: int = 3,
+        widths: tuple[int, ...] | list[int] = (64, 160, 320, 640),
+        image_size: int = 84,
+        drop_rate: float = 0.0,
+        drop_block: bool = True,
+        block_size: int = 5,
+    ) -> None:
+        widths = [int(w) for w in widths]
+        if len(widths) != 4 or min(widths) < 1:
+            raise ValueError(f"ResNet12: widths must be 4 positive channel counts, got {widths}")
+        if image_size < 16:
+            raise ValueError(f"ResNet12: image_size must be at least 16 (4 poolings by 2), got {image_size}")
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"ResNet12: drop_rate must be in [0, 1), got {drop_rate}")
+        blocks: OrderedDict[str, nn.Module] = OrderedDict()
+        channels = in_channels
+        for i, width in enumerate(widths):
+            drop: nn.Module | None = None
+            if drop_rate > 0:
+                drop = DropBlock(drop_rate, block_size) if drop_block and i >= 2 else nn.Dropout(drop_rate)
+            blocks[f"block{i + 1}"] = ResidualBlock(channels, width, drop)
+            channels = width
+        blocks["pool"] = nn.AdaptiveAvgPool2d(1)
+        blocks["flatten"] = nn.Flatten()
+        features = nn.Sequential(blocks)
+        head = nn.Identity() if n_way is None else nn.Linear(channels, n_way)
+        super().__init__(OrderedDict(features=features, head=head))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu", a=0.1)
+        self.embedding_size = channels  # the features' output size
+        self.config = {
+            "model": "ResNet12",
+            "n_way": n_way,
+            "in_channels": in_channels,
+            "widths": widths,
+            "image_size": image_size,
+            "drop_rate": drop_rate,
+            "drop_block": drop_block,
+            "block_size": block_size,
+        }
+
+
 def from_config(config: dict) -> nn.Module:
     """The model a checkpoint's `config` describes (as in its `.config`)."""
     kind = config.get("model")
@@ -103,4 +229,6 @@ def from_config(config: dict) -> nn.Module:
         return MLP(tuple(args["sizes"]))
     if kind == "KochNet":
         return KochNet(**args)
+    if kind == "ResNet12":
+        return ResNet12(**args)
     raise ValueError(f"unknown model {kind!r} in the checkpoint's config")
