@@ -373,3 +373,23 @@ def test_layers_sets_the_sinusoid_mlp_depth(tmp_path, capsys):
     assert [v.shape for k, v in state["model"].items() if k.endswith("weight")] == [(8, 1), (8, 8), (8, 8), (1, 8)]
     code, out, _ = run(["eval", str(tmp_path / "r" / "best.pt"), "--episodes", "20"], capsys)
     assert code == 0 and "mse" in out.lower()
+
+
+@pytest.mark.parametrize("name", ["maml-sinusoid", "metasgd-sinusoid", "metalstm-sinusoid", "protonet-omniglot"])
+def test_checkpoints_of_earlier_versions_still_evaluate(name, capsys):
+    """Checkpoints written before the learner declarations (tests/fixtures/checkpoints) load and test the same."""
+    fixtures = Path(__file__).parent / "fixtures" / "checkpoints"
+    expected = json.loads((fixtures / "expected.json").read_text())[name]
+    data = None
+    if name.endswith("omniglot"):
+        if not OMNIGLOT.is_dir():
+            pytest.skip(f"the Omniglot zips are not at {OMNIGLOT}")
+        data = str(OMNIGLOT)
+    result = training.evaluate(fixtures / f"{name}.pt", episodes=20, tasks_per_batch=10, data=data)
+    assert result["mean"] == pytest.approx(expected["mean"], rel=1e-5)
+    assert (result["metric"], result["tasks"], result["inner_steps"]) == (
+        expected["metric"], expected["tasks"], expected["inner_steps"]
+    )  # fmt: skip
+    args = ["eval", str(fixtures / f"{name}.pt"), "--episodes", "4"] + (["--data", data] if data else [])
+    code, stdout, err = run(args, capsys)
+    assert code == 0 and f"{name.split('-')[0]} " in stdout, err
