@@ -225,7 +225,8 @@ def _eval(args: argparse.Namespace) -> int:
     c = r["config"]
     what = f"{c['n_way']}-way {c['k_shot']}-shot" if c["dataset"] == "omniglot" else f"{c['k_shot']}-shot"
     scale, unit = (100, "%") if r["metric"] == "accuracy" else (1, "")
-    steps = f", {r['inner_steps']} inner step{'s' if r['inner_steps'] != 1 else ''}" if r["inner_steps"] is not None else ""  # None: no inner loop
+    n = r["inner_steps"]  # None: no inner loop
+    steps = "" if n is None else f", {n} inner step{'' if n == 1 else 's'}"
     print(
         f"{c['algo']} {c['dataset']} {what}, {args.part} split, {r['tasks']} tasks{steps}: "
         f"{r['metric']} {scale * r['mean']:.2f}{unit} +- {scale * r['ci95']:.2f}{unit} (95% CI)"
