@@ -1,0 +1,241 @@
+"""Every command README.md shows runs, scaled down, so that a renamed option or a changed output cannot leave the
+README wrong; and `--help` works for the command and each subcommand.
+
+Commands are read from the README itself: each line of a ```bash block (continuations joined) and each inline
+code span that starts with a program of this project (`fastmeta`, `python -m fastmeta`, `torchrun`, `pytest`,
+`python benchmarks/...`, `bash benchmarks/...`, `pip install`). Each must match one rule below, which either runs
+it with settings that make it take seconds (few iterations, episodes and rounds) or skips it with the reason. A
+command that matches no rule fails: a new README command needs a rule.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+OMNIGLOT = Path(os.environ.get("FASTMETA_OMNIGLOT", ROOT.parent / "shared/data/omniglot"))
+PROGRAMS = ("fastmeta ", "python -m fastmeta", "torchrun ", "pytest ", "python benchmarks/", "bash benchmarks/", "pip ")
+SUBCOMMANDS = ("train", "eval", "bench")
+
+# Appended to a command to make it take seconds; later options override the README's (argparse: last one wins).
+SCALED_TRAIN = ["--iterations", "2", "--val-every", "2", "--val-episodes", "1", "--meta-batch", "2"]
+SCALED_EVAL = ["--episodes", "4", "--tasks-per-batch", "4"]
+SCALED_BENCH = [
+    "--workload", "mlp", "--maml-workloads", "sinusoid", "--maml-memory", "no", "--min-time", "0.001",
+    "--rounds", "1", "--pair-batch", "64", "--all-pairs-sizes", "40",
+]  # fmt: skip
+
+
+def _code_spans(text: str) -> list[str]:
+    """The README's shell commands: ```bash lines (comments dropped, `\\` continuations joined) and inline spans."""
+    commands, block = [], None
+    for line in text.splitlines():
+        if line.startswith("```"):
+            block = [] if line.strip() == "```bash" and block is None else None
+            continue
+        if block is not None:
+            block.append(line)
+            if not line.rstrip().endswith("\\"):
+                joined = " ".join(part.rstrip().removesuffix("\\") for part in block)
+                block = []
+                command = joined.split(" #", 1)[0].strip()
+                if command and not command.startswith("#"):
+                    commands.append(command)
+        else:
+            for span in re.findall(r"`([^`\n]+)`", line):
+                if span.startswith(PROGRAMS) or span in ("fastmeta", "python -m fastmeta"):
+                    commands.append(span.strip())
+    return list(dict.fromkeys(commands))  # each once, in order
+
+
+def _concrete(command: str) -> str:
+    """A README command with its meta-syntax made concrete: optional [...] parts dropped, `a|b` the first choice."""
+    command = re.sub(r"\s*\[[^\]]*\]", "", command).replace(" ...", "")
+    return " ".join(
+        tok.split("|")[0] if "|" in tok and not tok.startswith(("'", '"')) else tok for tok in command.split()
+    )
+
+
+@dataclass
+class Run:
+    argv: list[str]
+    env: dict[str, str] | None = None
+    needs_omniglot: bool = False
+
+
+Rule = Callable[[list[str]], "Run | str"]  # a Run, or the reason to skip
+
+
+def _fastmeta(argv: list[str]) -> list[str]:
+    """argv after the program: the same through the installed console script or `python -m fastmeta`."""
+    return argv[1:] if argv[0] == "fastmeta" else argv[3:]
+
+
+def _data(argv: list[str]) -> tuple[list[str], bool]:
+    """PATH and the README's Omniglot location replaced by the Omniglot folder the tests use."""
+    out = [str(OMNIGLOT) if a in ("PATH", "../shared/data/omniglot") else a for a in argv]
+    return out, out != argv
+
+
+def _train(argv: list[str]) -> Run | str:
+    args, omniglot = _data(_fastmeta(argv))
+    return Run([sys.executable, "-m", "fastmeta", *args, *SCALED_TRAIN], needs_omniglot=omniglot)
+
+
+def _eval(argv: list[str]) -> Run | str:
+    args, omniglot = _data(_fastmeta(argv))
+    return Run([sys.executable, "-m", "fastmeta", *args, *SCALED_EVAL], needs_omniglot=omniglot)
+
+
+def _bench(argv: list[str]) -> Run | str:
+    args = _fastmeta(argv)
+    if "cuda" in args and not torch.cuda.is_available():
+        return "needs a CUDA device"
+    return Run([sys.executable, "-m", "fastmeta", *args, *SCALED_BENCH])
+
+
+def _torchrun(argv: list[str]) -> Run | str:
+    if "--nnodes" in argv and argv[argv.index("--nnodes") + 1] != "1":
+        return "needs several machines"
+    i = argv.index("-m")
+    args, omniglot = _data(argv[i + 2 :])
+    launcher = [sys.executable, "-m", "torch.distributed.run", *argv[1:i]]
+    return Run([*launcher, "-m", "fastmeta", *args, *SCALED_TRAIN, "--threads", "1"], needs_omniglot=omniglot)
+
+
+def _script(argv: list[str]) -> Run | str:
+    if argv[1] == "benchmarks/gpu_check.sh":
+        return "needs a GPU machine" if not torch.cuda.is_available() else "builds and benchmarks for minutes"
+    if argv[1] == "benchmarks/distributed_throughput.py":
+        args, omniglot = _data(argv[2:])
+        return Run([sys.executable, str(ROOT / argv[1]), *args, "--iterations", "2"], needs_omniglot=omniglot)
+    return f"no scaled-down form for {argv[1]}"
+
+
+def _pytest(argv: list[str]) -> Run | str:
+    if "tests" in argv:
+        return "the test suite itself (.ci/run runs it)"
+    if argv[1:] == ["benchmarks"]:  # every benchmark once, untimed
+        return Run([sys.executable, "-m", "pytest", "-q", "-x", str(ROOT / "benchmarks"), "--benchmark-disable"])
+    return f"no scaled-down form for {' '.join(argv)}"
+
+
+RULES: list[tuple[str, Rule]] = [
+    (r"(fastmeta|python -m fastmeta) train\b", _train),
+    (r"(fastmeta|python -m fastmeta) eval\b", _eval),
+    (r"(fastmeta|python -m fastmeta) bench\b", _bench),
+    (r"torchrun .* -m fastmeta train\b", _torchrun),
+    (r"(python|bash) benchmarks/", _script),
+    (r"(FASTMETA_\w+=\S+ )?pytest\b", _pytest),
+    (r"(pip install|.*&& .*pip install|CC=.* pip install|python setup.py)", lambda argv: "installs (.ci/run does)"),
+]
+
+
+def _plan(command: str) -> Run | str:
+    concrete = _concrete(command)
+    for pattern, rule in RULES:
+        if re.match(pattern, concrete):
+            argv = shlex.split(concrete)
+            while argv and re.fullmatch(r"\w+=\S*", argv[0]):  # VAR=value prefixes
+                argv = argv[1:]
+            return rule(argv)
+    pytest.fail(f"README command with no rule in tests/test_readme.py: {command!r}")
+
+
+COMMANDS = _code_spans(README.read_text())
+
+
+def test_readme_commands_are_found():
+    """The extraction sees the commands it must (else every other test here would pass vacuously)."""
+    assert "python -m fastmeta train" in COMMANDS
+    assert any(c.startswith("python -m fastmeta eval") for c in COMMANDS)
+    assert any(c.startswith("torchrun") for c in COMMANDS)
+    assert _concrete("fastmeta bench [--device cuda]") == "fastmeta bench"
+    assert _concrete("fastmeta train --dataset folder|cub --algo maml") == "fastmeta train --dataset folder --algo maml"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One folder for all README commands, as a user's: eval reads the runs/ that train wrote."""
+    return tmp_path_factory.mktemp("readme")
+
+
+def _checkpoint_arg(argv: list[str]) -> Path | None:
+    return next((Path(a) for a in argv if a.endswith(".pt")), None)
+
+
+def _ensure_checkpoint(run: Run, workdir: Path) -> None:
+    """An eval of runs/<algo>-<dataset>[-<n>way<k>shot]/best.pt that no README train wrote: train it first."""
+    ckpt = _checkpoint_arg(run.argv)
+    if ckpt is None or (workdir / ckpt).exists():
+        return
+    m = re.fullmatch(r"runs/(\w+)-(\w+?)(?:-(\d+)way(\d+)shot)?/(best|checkpoint)\.pt", ckpt.as_posix())
+    assert m, f"eval of {ckpt}: not a run folder the README's train commands write"
+    algo, dataset, n_way, k_shot, _ = m.groups()
+    argv = ["fastmeta", "train", "--algo", algo, "--dataset", dataset]
+    if dataset == "omniglot":
+        argv += ["--data", "PATH", "--n-way", n_way, "--k-shot", k_shot]
+    _execute(_train(argv), workdir)
+    assert (workdir / ckpt).exists(), f"training {algo} on {dataset} did not write {ckpt}"
+
+
+def _execute(run: Run, workdir: Path) -> subprocess.CompletedProcess:
+    if run.needs_omniglot and not OMNIGLOT.exists():
+        pytest.skip(f"Omniglot not found at {OMNIGLOT} (set FASTMETA_OMNIGLOT)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(run.env or {})}
+    p = subprocess.run(run.argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    where = f"{shlex.join(run.argv)}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
+    assert p.returncode == 0, f"exit status {p.returncode}: {where}"
+    assert "Traceback" not in p.stderr, where
+    return p
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", COMMANDS)
+def test_readme_command_runs(command, workdir):
+    plan = _plan(command)
+    if isinstance(plan, str):
+        print(f"skipped {command!r}: {plan}")
+        pytest.skip(plan)
+    _ensure_checkpoint(plan, workdir)
+    _execute(plan, workdir)
+
+
+def _help_commands() -> list[tuple[str, list[str]]]:
+    script = shutil.which("fastmeta")
+    forms = [("python -m fastmeta", [sys.executable, "-m", "fastmeta"])]
+    if script is not None:
+        forms.append(("fastmeta", [script]))
+    elif os.environ.get("FASTMETA_REQUIRE_KERNELS") == "1":  # an installed package must have its console script
+        forms.append(("fastmeta", ["fastmeta"]))
+    return [(f"{name} {sub}".strip(), [*argv, *([sub] if sub else []), "--help"]) for name, argv in forms
+            for sub in ("", *SUBCOMMANDS)]  # fmt: skip
+
+
+def test_every_subcommand_is_covered():
+    """SUBCOMMANDS is the parser's list (a new subcommand gets a --help test without editing this file)."""
+    p = subprocess.run([sys.executable, "-m", "fastmeta", "--help"], capture_output=True, text=True, cwd=ROOT)
+    listed = re.search(r"\{([\w,]+)\}", p.stdout)
+    assert listed, p.stdout + p.stderr
+    assert set(listed.group(1).split(",")) == set(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("name,argv", _help_commands(), ids=lambda v: v if isinstance(v, str) else "")
+def test_help(name, argv):
+    if argv[0] == "fastmeta":
+        pytest.fail("the installed package has no `fastmeta` console script on PATH")
+    p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, f"{name} --help: {p.returncode}\n{p.stderr}"
+    assert p.stdout.startswith("usage:"), p.stdout
