@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -28,6 +28,12 @@ class EpisodeSampler(torch.utils.data.Dataset):
             has them, else read once).
         length: the number of episodes (len(sampler)); indices past it are still valid.
         shard: (rank, world_size): this process's tasks of each batch of `tasks` (torch.distributed).
+        class_sizes: for a class-major tensor, the number of valid examples of each class (C,): class c's are
+            data[c, :class_sizes[c]], the rest padding that is never drawn (default: all E of every class).
+        transform: `transform(x, generator) -> x`, applied to each task's examples x (n_way, k_shot + n_query,
+            *x) (floats; uint8 already scaled to [0, 1]) with a generator seeded by (seed, i, j) alone, e.g.
+            normalisation and augmentation (`fastmeta.data.EpisodeTransform`). It does not change which
+            examples are drawn.
     """
 
     def __init__(
@@ -40,6 +46,8 @@ class EpisodeSampler(torch.utils.data.Dataset):
         seed: int = 0,
         length: int = 10**6,
         shard: tuple[int, int] = (0, 1),
+        class_sizes: Sequence[int] | Tensor | None = None,
+        transform: Callable[[Tensor, torch.Generator], Tensor] | None = None,
     ) -> None:
         for name, value, low in (
             ("n_way", n_way, 1),
@@ -50,7 +58,7 @@ class EpisodeSampler(torch.utils.data.Dataset):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"EpisodeSampler: {name} must be an integer >= {low}, got {value!r}")
         self.data, self.n_way, self.k_shot, self.n_query, self.tasks = data, n_way, k_shot, n_query, tasks
-        self.seed, self.length = seed, length
+        self.seed, self.length, self.transform = seed, length, transform
         self.task_ids = shard_range(tasks, *shard)
         if isinstance(data, Tensor):
             if data.dim() < 2:
@@ -58,8 +66,19 @@ class EpisodeSampler(torch.utils.data.Dataset):
                     f"EpisodeSampler: a tensor must be class-major (C, E, ...), got shape {tuple(data.shape)}"
                 )
             self.class_sizes = [data.shape[1]] * data.shape[0]
+            if class_sizes is not None:
+                sizes = [int(n) for n in (class_sizes.tolist() if isinstance(class_sizes, Tensor) else class_sizes)]
+                if len(sizes) != data.shape[0] or not all(0 <= n <= data.shape[1] for n in sizes):
+                    raise ValueError(
+                        f"EpisodeSampler: class_sizes must give each of the {data.shape[0]} classes a size in "
+                        f"[0, {data.shape[1]}], got {len(sizes)} sizes from {min(sizes, default=None)} to "
+                        f"{max(sizes, default=None)}"
+                    )
+                self.class_sizes = sizes
             self.by_class: list[Tensor] | None = None
         else:
+            if class_sizes is not None:
+                raise ValueError("EpisodeSampler: class_sizes is for a class-major tensor, not a dataset")
             labels = _labels(data)
             classes = sorted(set(labels))
             index = {c: i for i, c in enumerate(classes)}
@@ -93,19 +112,22 @@ class EpisodeSampler(torch.utils.data.Dataset):
             examples = torch.stack(
                 [torch.randperm(self.class_sizes[c], generator=g)[: k + q] for c in classes.tolist()]
             )
-            picks.append((classes, examples))
-        x = torch.stack([self._gather(c, e) for c, e in picks])  # (T, n, k+q, *x)
+            picks.append((classes, examples, _mix(_mix(episode, j), 1)))
+        x = torch.stack([self._gather(c, e, s) for c, e, s in picks])  # (T, n, k+q, *x)
         y = torch.arange(n).view(1, n, 1).expand(len(picks), n, k + q)
         flat = lambda t, a, b: t[:, :, a:b].reshape(t.shape[0], -1, *t.shape[3:])  # noqa: E731
         return TaskBatch(flat(x, 0, k), flat(y, 0, k), flat(x, k, k + q), flat(y, k, k + q))
 
-    def _gather(self, classes: Tensor, examples: Tensor) -> Tensor:
+    def _gather(self, classes: Tensor, examples: Tensor, transform_seed: int) -> Tensor:
         if self.by_class is None:
             x = self.data[classes.unsqueeze(1), examples]
         else:
             items = [self.data[int(self.by_class[c][e])][0] for c, row in zip(classes.tolist(), examples) for e in row]
             x = torch.stack([torch.as_tensor(t) for t in items]).view(*examples.shape, *torch.as_tensor(items[0]).shape)
-        return x.float().div_(255) if x.dtype == torch.uint8 else x
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x
+        if self.transform is not None:  # its own stream: the draws above are the same with or without it
+            x = self.transform(x, torch.Generator().manual_seed(transform_seed))
+        return x
 
 
 def _labels(data: torch.utils.data.Dataset) -> Sequence:

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastmeta.data import cache
+
 __all__ = ["Omniglot", "load_omniglot", "omniglot_split", "SPLITS"]
 
 SETS = ("images_background", "images_evaluation")
@@ -68,7 +70,7 @@ def load_omniglot(
             "or from github.com/brendenlake/omniglot (python/images_background.zip, python/images_evaluation.zip)."
         )
     kind, base = found
-    cache_dir = Path(cache_dir or os.environ.get("FASTMETA_CACHE") or Path.home() / ".cache" / "fastmeta")
+    cache_dir = cache.cache_dir(cache_dir)
     stamp = "-".join(
         str(int(p.stat().st_mtime)) + "_" + str(p.stat().st_size)
         for p in ((base / f"{s}.zip") if kind == "zip" else (base / s) for s in SETS)
@@ -76,12 +78,9 @@ def load_omniglot(
     digest = hashlib.sha1(f"{base.resolve()}|{stamp}".encode()).hexdigest()[:12]
     key = f"omniglot-{image_size}-{digest}.pt"
     cached = cache_dir / key
-    if cached.is_file():
-        try:
-            data = torch.load(cached, weights_only=True)
-            return Omniglot(data["images"], data["names"])
-        except (OSError, RuntimeError, KeyError):
-            pass  # unreadable cache: decode again
+    data = cache.load_cached(cached)
+    if data is not None and isinstance(data.get("images"), Tensor) and isinstance(data.get("names"), list):
+        return Omniglot(data["images"], data["names"])  # else missing or unreadable: decode again
     names, images = [], []
     for s in SETS:
         for name, pngs in sorted(_characters(kind, base, s).items()):
@@ -91,13 +90,7 @@ def load_omniglot(
     if counts != {20}:
         raise ValueError(f"Omniglot under {base}: expected 20 drawings of every character, found counts {counts}")
     out = Omniglot(torch.from_numpy(np.stack(images)).unsqueeze(2), names)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"images": out.images, "names": out.names}, tmp)
-        os.replace(tmp, cached)
-    except OSError:
-        pass  # a read-only home: no cache
+    cache.save_cached({"images": out.images, "names": out.names}, cached)  # a read-only home: no cache
     return out
 
 
