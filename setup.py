@@ -2,6 +2,7 @@
 and either a GPU is visible or FORCE_CUDA=1 (which, without them, is an error rather than a CPU-only build)."""
 
 import glob
+import importlib.util
 import os
 import shutil
 
@@ -39,22 +40,33 @@ def _build_cuda() -> bool:
     return has_nvcc and has_cuda_torch and torch.cuda.is_available()
 
 
-def _write_build_info(with_cuda: bool) -> None:
-    # Read at import to check that the kernels match the torch they run with.
-    path = os.path.join(ROOT, "fastmeta", "_build_info.py")
-    text = (
-        "# Written by setup.py at build time.\n"
+def _build_info(with_cuda: bool) -> str:
+    """fastmeta/_build_info.py of this build: read at import to check that the kernels match the torch they run
+    with and the sources beside the imported package (see fastmeta/_kernels.py)."""
+    spec = importlib.util.spec_from_file_location("_fingerprint", os.path.join(ROOT, "fastmeta", "_fingerprint.py"))
+    fingerprint = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fingerprint)
+    return (
+        "# Written by setup.py at build time, next to the kernels it describes.\n"
         f"TORCH_VERSION = {torch.__version__!r}\n"
         f"WITH_CUDA = {with_cuda!r}\n"
         f"CUDA_VERSION = {torch.version.cuda if with_cuda else None!r}\n"
+        f"SOURCE_FINGERPRINT = {fingerprint.source_fingerprint(os.path.join(ROOT, 'csrc'))!r}\n"
     )
-    with open(path, "w") as f:
-        f.write(text)
 
 
-def _extension():
-    with_cuda = _build_cuda()
-    _write_build_info(with_cuda)
+class _BuildExtension(BuildExtension):
+    """Writes _build_info.py beside the built _C: into the build folder for `pip install .` (never into the
+    source tree), into the source package for `build_ext --inplace`."""
+
+    def run(self) -> None:
+        super().run()
+        target = os.path.join(os.path.dirname(self.get_ext_fullpath("fastmeta._C")), "_build_info.py")
+        with open(target, "w") as f:
+            f.write(_build_info(WITH_CUDA))
+
+
+def _extension(with_cuda: bool):
     sources = ["csrc/fastmeta.cpp"] + sorted(glob.glob("csrc/autograd/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp: at::parallel_for is inline OpenMP; without it the CPU kernels would run on one thread. The
     # libgomp.so.1 linked here is the one torch has already loaded (same soname): one thread pool.
@@ -74,8 +86,9 @@ def _extension():
     return CppExtension("fastmeta._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
+WITH_CUDA = _build_cuda()
 setup(
     packages=find_packages(include=["fastmeta", "fastmeta.*"]),
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    ext_modules=[_extension(WITH_CUDA)],
+    cmdclass={"build_ext": _BuildExtension.with_options(use_ninja=True)},
 )

@@ -3,6 +3,7 @@
 from fastmeta import data, distributed, models, ops, reference
 from fastmeta._kernels import AVAILABLE as _AVAILABLE
 from fastmeta._kernels import ERROR as _ERROR
+from fastmeta._kernels import STALE as _STALE
 from fastmeta._kernels import WITH_CUDA as _WITH_CUDA
 from fastmeta.algorithms import (
     LSLR,
@@ -53,5 +54,6 @@ def kernels_available(device: str = "cpu") -> bool:
 
 
 def kernels_info() -> dict:
-    """What was built and loaded: {"available", "cuda", "error"} (error says why the kernels are unavailable)."""
-    return {"available": _AVAILABLE, "cuda": _WITH_CUDA, "error": _ERROR}
+    """What was built and loaded: {"available", "cuda", "error", "stale"} (error: why the kernels are unavailable;
+    stale: why the loaded kernels are not those of the sources beside this package, or None)."""
+    return {"available": _AVAILABLE, "cuda": _WITH_CUDA, "error": _ERROR, "stale": _STALE}
