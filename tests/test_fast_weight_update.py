@@ -339,8 +339,9 @@ def test_grad_of_vmap_matches_reference():
 
 
 @pytest.mark.skipif(not KERNELS, reason="needs the compiled kernels")
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])  # inductor: the default, what users get
 @pytest.mark.parametrize("lr_form", ["float", "per_element"])
-def test_torch_compile_fullgraph(device, lr_form):
+def test_torch_compile_fullgraph(device, lr_form, backend):
     params, grads = make(MLP, 3, True, torch.float32, device, requires_grad=True)
     lr = coefs(lr_form, grads, requires_grad=True)
     leaves = params + grads + (lr if isinstance(lr, list) else [])
@@ -348,7 +349,8 @@ def test_torch_compile_fullgraph(device, lr_form):
     def step(params, grads, lr):
         return sum((o * o).sum() for o in fwu(params, grads, lr))
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
     got = torch.autograd.grad(compiled(params, grads, lr), leaves)
     want = torch.autograd.grad(step(params, grads, lr), leaves)
     for a, b in zip(got, want):
