@@ -18,3 +18,18 @@ def device(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _decoded_data_cache(tmp_path_factory):
+    """Decoded datasets go to a cache of this test session (also for the CLI runs and subprocesses the tests start),
+    never to the user's ~/.cache/fastmeta or $FASTMETA_CACHE: a test must see what the current decoding produces."""
+    import os
+
+    saved = os.environ.get("FASTMETA_CACHE")
+    os.environ["FASTMETA_CACHE"] = str(tmp_path_factory.mktemp("fastmeta-cache"))
+    yield
+    if saved is None:
+        del os.environ["FASTMETA_CACHE"]
+    else:
+        os.environ["FASTMETA_CACHE"] = saved
