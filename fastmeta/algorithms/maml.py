@@ -11,6 +11,9 @@ weights (see `fastmeta.algorithms._batched`), one autograd.grad for all tasks, a
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -171,7 +174,7 @@ def maml_step(
     adapt_params: Iterable[str] | Callable[[str], bool] | None = None,
     multi_step_weights: Sequence[float] | Tensor | None = None,
     strategy: str = "auto",
-    recompute: int | None = None,
+    recompute: int | str | tuple[str, int] | None = None,
 ) -> MAMLOutput:
     """One meta-step of MAML over the T tasks of `batch`: adapt to each support set, evaluate on its query set.
 
@@ -197,10 +200,19 @@ def maml_step(
             (see `msl_weights`).
         strategy: "auto" (batched where the model allows it, else vmap without BatchNorm, else a loop),
             "batched", "vmap" or "loop".
-        recompute: trade compute for memory: the step runs without a graph, and backward runs it again, this
-            many tasks at a time, differentiating each chunk before the next: peak memory of one chunk's graph
-            instead of all T's, for about one more forward pass. The same loss and meta-gradient to
-            `model`'s parameters and a learned inner_lr; only `loss` is differentiable (once).
+        recompute: trade compute for memory; the same loss and meta-gradient (to `model`'s parameters and a
+            learned inner_lr), but only `loss` is differentiable, once; task_losses, predictions and
+            fast_weights come back detached. Under torch.no_grad the plain step runs.
+            - k (an integer): the step runs without a graph, and backward runs it again k tasks at a time,
+              differentiating each chunk before the next: peak memory of one chunk's graph instead of all T's,
+              for about one more forward pass.
+            - "steps": second-order memory that does not grow with inner_steps. The inner loop runs without a
+              graph, keeping only some steps' fast weights (see `_checkpoint_interval`); backward rebuilds the
+              query loss, then sweeps the steps in reverse, rebuilding one step's graph at a time from its
+              fast weights and taking its vector-Jacobian product with the adjoint of the next step's. Costs
+              about one more inner loop without a graph and one query forward. Dropout and other randomness
+              see the same random numbers in the rebuilt steps as in forward (the RNG state is saved per step).
+            - ("steps", k): both: chunks of k tasks, each swept over its steps.
     """
     if not isinstance(batch, TaskBatch):
         raise TypeError(f"maml_step: batch must be a fastmeta.TaskBatch, got {type(batch).__name__}")
@@ -214,11 +226,20 @@ def maml_step(
                 f"maml_step: multi_step_weights must have one weight per inner step ({inner_steps}), "
                 f"got {multi_step_weights.numel()}"
             )
-    if recompute is not None:
-        _check_int("recompute", recompute, 1)
-        if torch.is_grad_enabled() and recompute < batch.num_tasks:
-            kwargs = dict(adapt_params=adapt_params, multi_step_weights=multi_step_weights, strategy=strategy)
-            return _maml_step_recomputed(model, batch, inner_lr, inner_steps, first_order, loss_fn, recompute, kwargs)
+    sweep_steps, chunk = _parse_recompute(recompute)
+    if torch.is_grad_enabled() and chunk is not None and chunk < batch.num_tasks:
+        kwargs = dict(
+            adapt_params=adapt_params,
+            multi_step_weights=multi_step_weights,
+            strategy=strategy,
+            recompute="steps" if sweep_steps else None,
+        )
+        return _maml_step_recomputed(model, batch, inner_lr, inner_steps, first_order, loss_fn, chunk, kwargs)
+    if torch.is_grad_enabled() and sweep_steps:
+        sweep = _StepSweep(
+            model, batch, inner_lr, inner_steps, first_order, loss_fn, adapt_params, multi_step_weights, strategy
+        )
+        return sweep.output(_SweptLoss.apply(sweep, *sweep.tensors))
     run, params, adapted, lr_of = _prepare("maml_step", model, batch.support_x, inner_lr, adapt_params, strategy)
     start = run.split(set(adapted))
     T = batch.num_tasks
@@ -296,7 +317,11 @@ class _Recomputed(torch.autograd.Function):
     def forward(ctx, run, chunks, outs, *tensors):  # noqa: ANN001, ANN205
         ctx.run, ctx.chunks = run, chunks
         ctx.save_for_backward(*tensors)
-        outs += [run(sub) for sub in chunks]  # grad mode is off here: maml_step computes values only
+        ctx.rng = _RNG(chunks[0].support_x.device)
+        ctx.states = []
+        for sub in chunks:  # grad mode is off here: maml_step computes values only
+            ctx.states.append(ctx.rng.get())
+            outs.append(run(sub))
         T = sum(sub.num_tasks for sub in chunks)
         return sum(o.loss * (sub.num_tasks / T) for o, sub in zip(outs, chunks))
 
@@ -306,13 +331,283 @@ class _Recomputed(torch.autograd.Function):
         tensors = ctx.saved_tensors
         total = [torch.zeros_like(t) for t in tensors]
         T = sum(sub.num_tasks for sub in ctx.chunks)
-        with torch.enable_grad():
-            for sub in ctx.chunks:
+        with torch.enable_grad(), ctx.rng.fork():
+            for sub, state in zip(ctx.chunks, ctx.states):
+                ctx.rng.set(state)  # dropout draws the masks it drew in forward
                 loss = ctx.run(sub).loss * (sub.num_tasks / T)
                 grads = torch.autograd.grad(loss, tensors, grad, allow_unused=True, materialize_grads=True)
                 for acc, g in zip(total, grads):
                     acc.add_(g)
         return (None, None, None, *total)
+
+
+def _checkpoint_interval(inner_steps: int) -> int:
+    """recompute="steps" keeps the fast weights of every this many steps; backward recomputes the others (without
+    a graph) one segment at a time, so that at most about 2 * sqrt(inner_steps) sets of T tasks' fast weights are
+    alive at once, for about one more inner loop without a graph."""
+    return max(1, math.ceil(math.sqrt(inner_steps)))
+
+
+class _StepSweep:
+    """maml_step(recompute="steps"): `forward` runs the step without a graph, keeping the fast weights of every
+    `_checkpoint_interval` steps, the final ones and the random state before each random computation; `backward`
+    rebuilds the query loss and then one inner step at a time, in reverse, to compute the meta-gradient."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batch: TaskBatch,
+        inner_lr: float | InnerLR,
+        inner_steps: int,
+        first_order: bool,
+        loss_fn: LossFn,
+        adapt_params: Iterable[str] | Callable[[str], bool] | None,
+        weights: Tensor | None,
+        strategy: str,
+    ) -> None:
+        self.run, self.params, self.adapted, self.lr_of = _prepare(
+            "maml_step", model, batch.support_x, inner_lr, adapt_params, strategy
+        )
+        self.start = self.run.split(set(self.adapted))
+        self.batch, self.steps, self.first_order, self.loss_fn = batch, inner_steps, first_order, loss_fn
+        # weights[s]: the weight of the query loss after step s + 1 (the last: after all steps, or with no step).
+        self.weights = [0.0] * max(inner_steps - 1, 0) + [1.0] if weights is None else weights.tolist()
+        self.every = _checkpoint_interval(inner_steps)
+        # The meta-parameters: what backward returns gradients for.
+        self.tensors = [p for p in self.params.values() if p.requires_grad]
+        if isinstance(inner_lr, InnerLR):
+            self.tensors += [p for p in inner_lr.parameters() if p.requires_grad]
+        self.rng = _RNG(batch.support_x.device)
+
+    def lr(self, s: int, detach: bool) -> float | list[Tensor]:
+        lr = self.lr_of(s)
+        return [r.detach() for r in lr] if detach and isinstance(lr, list) else lr
+
+    def query(self, params: dict[str, Tensor], fast: list[Tensor], qfeat: object) -> tuple[Tensor, Tensor]:
+        """(T, Nq, ...) predictions and (T,) query losses with fast weights `fast`."""
+        pred = tasks_first(self.run({**params, **dict(zip(self.adapted, fast))}, qfeat, self.start))
+        return pred, task_losses(self.loss_fn, pred, self.batch.query_y)
+
+    def forward(self) -> Tensor:
+        """The meta-loss, without a graph; in the order of the plain step's random computations."""
+        run, b, start, S = self.run, self.batch, self.start, self.steps
+        p = {n: t.detach() for n, t in self.params.items()}
+        self.qbody_state = self.rng.get()
+        self.qfeat = run(p, b.query_x, 0, start) if start else b.query_x
+        self.sbody_state = self.rng.get()
+        self.sfeat = run(p, b.support_x, 0, start) if start else b.support_x
+        fast = [p[n] for n in self.adapted]
+        self.step_states, self.query_states, self.checkpoints = [], {}, {}
+        support_losses, loss = [], None
+        for s in range(S):
+            self.step_states.append(self.rng.get())
+            fast, losses = _step(run, p, self.adapted, self.sfeat, b.support_y, start, self.lr(s, True), fast,
+                                 self.loss_fn, False)  # fmt: skip
+            support_losses.append(losses)
+            if (s + 1) % self.every == 0 and s + 1 < S:
+                self.checkpoints[s + 1] = fast
+            if s < S - 1 and self.weights[s] != 0:
+                self.query_states[s + 1] = self.rng.get()
+                loss = self.weights[s] * self.query(p, fast, self.qfeat)[1].mean() + (0 if loss is None else loss)
+        self.query_states[S] = self.rng.get()
+        self.final = fast
+        self.pred, self.task_losses = self.query(p, fast, self.qfeat)
+        final = self.weights[-1] * self.task_losses.mean()  # (x * 1.0 is x exactly)
+        self.support_losses = torch.stack(support_losses, 1) if support_losses else b.query_x.new_zeros(b.num_tasks, 0)
+        return final if loss is None else loss + final
+
+    def output(self, loss: Tensor) -> MAMLOutput:
+        T = self.batch.num_tasks
+        return MAMLOutput(
+            loss=loss,
+            task_losses=self.task_losses,
+            accuracy=_accuracy(self.pred, self.batch.query_y),
+            support_losses=self.support_losses,
+            predictions=self.pred,
+            fast_weights=_per_task_weights(self.params, self.adapted, self.final, T),
+        )
+
+    def backward(self, grad: Tensor) -> list[Tensor | None]:
+        """The meta-gradient of each of `tensors`, times `grad`."""
+        run, b, start, S = self.run, self.batch, self.start, self.steps
+        params, tensors = self.params, self.tensors
+        meta: list[Tensor | None] = [None] * len(tensors)
+        detached = {n: t.detach() for n, t in params.items()}
+        qfeat, qleaves = _activation_leaves(self.qfeat) if start else (self.qfeat, [])
+        sfeat, sleaves = _activation_leaves(self.sfeat) if start else (self.sfeat, [])
+        qacc: list[Tensor | None] = [None] * len(qleaves)
+        sacc: list[Tensor | None] = [None] * len(sleaves)
+
+        def fast_at(fast: list[Tensor] | None) -> tuple[list[Tensor], list[Tensor]]:
+            """(fast weights to compute with, leaves to differentiate): the parameters themselves at step 0."""
+            if fast is None:
+                return [params[n] for n in self.adapted], []
+            leaves = [f.detach().requires_grad_() for f in fast]
+            return leaves, leaves
+
+        def query_adjoint(fast: list[Tensor] | None, s: int) -> list[Tensor | None]:
+            """Adds the query loss after step s (weighted) to the gradients; returns its gradient in `fast`."""
+            inputs, leaves = fast_at(fast)
+            self.rng.set(self.query_states[s])
+            loss = self.weights[max(s - 1, 0)] * self.query(params, inputs, qfeat)[1].mean()
+            grads = _grad(loss, leaves + tensors + qleaves, grad)
+            _accumulate(meta, grads[len(leaves) : len(leaves) + len(tensors)])
+            _accumulate(qacc, grads[len(leaves) + len(tensors) :])
+            return list(grads[: len(leaves)])
+
+        with torch.enable_grad(), self.rng.fork():
+            adjoint = query_adjoint(None if S == 0 else self.final, S)
+            self.final = None
+            for a in reversed(range(0, S, self.every)):
+                stop = min(a + self.every, S)
+                # This segment's fast weights, recomputed without a graph from its checkpoint.
+                states = {a: self.checkpoints.pop(a, None)}
+                with torch.no_grad():
+                    for s in range(a, stop - 1):
+                        self.rng.set(self.step_states[s])
+                        states[s + 1] = _step(run, detached, self.adapted, self.sfeat, b.support_y, start,
+                                              self.lr(s, True), states[s] if s else [detached[n] for n in
+                                              self.adapted], self.loss_fn, False)[0]  # fmt: skip
+                for s in reversed(range(a, stop)):
+                    inputs, leaves = fast_at(states.pop(s))
+                    self.rng.set(self.step_states[s])
+                    fast, _ = _step(run, params, self.adapted, sfeat, b.support_y, start, self.lr(s, False), inputs,
+                                    self.loss_fn, not self.first_order)  # fmt: skip
+                    grads = _grad(fast, leaves + tensors + sleaves, adjoint)
+                    del fast, inputs
+                    _accumulate(meta, grads[len(leaves) : len(leaves) + len(tensors)])
+                    _accumulate(sacc, grads[len(leaves) + len(tensors) :])
+                    adjoint = list(grads[: len(leaves)])
+                    if s and self.weights[s - 1] != 0:
+                        _accumulate(adjoint, query_adjoint([leaf.detach() for leaf in leaves], s))
+                    del grads, leaves
+            # The layers before `start` (ANIL's body): run once more with a graph, fed the features' adjoints.
+            outs, adjoints = [], []
+            for x, acc, state in ((b.query_x, qacc, self.qbody_state), (b.support_x, sacc, self.sbody_state)):
+                if start and any(g is not None for g in acc):
+                    self.rng.set(state)
+                    ys = _activation_tensors(run(params, x, 0, start))
+                    outs += [y for y, g in zip(ys, acc) if g is not None and y.requires_grad]
+                    adjoints += [g for y, g in zip(ys, acc) if g is not None and y.requires_grad]
+            if outs:
+                _accumulate(meta, _grad(outs, tensors, adjoints))
+        return meta
+
+
+class _SweptLoss(torch.autograd.Function):
+    """The meta-loss of maml_step(recompute="steps"): a value in forward, the reverse sweep in backward."""
+
+    @staticmethod
+    def forward(ctx, sweep, *tensors):  # noqa: ANN001, ANN205
+        ctx.sweep = sweep
+        ctx.save_for_backward(*tensors)  # (backward's version check: no parameter changed in place meanwhile)
+        return sweep.forward()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        _ = ctx.saved_tensors
+        grads = ctx.sweep.backward(grad)
+        ctx.sweep = None  # the stored fast weights and features
+        return (None, *grads)
+
+
+def _grad(
+    outputs: Tensor | list[Tensor], inputs: list[Tensor], grad_outputs: Tensor | list[Tensor | None]
+) -> tuple[Tensor | None, ...]:
+    """autograd.grad, None for the inputs the outputs do not depend on; None in grad_outputs: no gradient."""
+    if isinstance(outputs, list):
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+        outputs, grad_outputs = [o for o, _ in pairs], [g for _, g in pairs]
+        if not outputs:
+            return (None,) * len(inputs)
+    if not inputs:
+        return ()
+    return torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
+
+
+def _accumulate(total: list[Tensor | None], grads: Sequence[Tensor | None]) -> None:
+    for i, g in enumerate(grads):
+        if g is not None:
+            total[i] = g if total[i] is None else total[i] + g
+
+
+def _map_tensors(x: object, fn: Callable[[Tensor], Tensor]) -> object:
+    """x (a runner's activation: a tensor, a list of them, or an object holding them) with fn applied to each
+    floating-point tensor in it, in a fixed order."""
+    if isinstance(x, Tensor):
+        return fn(x) if x.is_floating_point() or x.is_complex() else x
+    if type(x) in (list, tuple):
+        return type(x)(_map_tensors(v, fn) for v in x)
+    if hasattr(x, "__dict__"):
+        out = copy.copy(x)
+        for k, v in vars(x).items():
+            setattr(out, k, _map_tensors(v, fn))
+        return out
+    return x
+
+
+def _activation_tensors(x: object) -> list[Tensor]:
+    found: list[Tensor] = []
+    _map_tensors(x, lambda t: found.append(t) or t)
+    return found
+
+
+def _activation_leaves(x: object) -> tuple[object, list[Tensor]]:
+    """x with each of its tensors replaced by a detached copy that requires grad, and those leaves."""
+    leaves: list[Tensor] = []
+
+    def leaf(t: Tensor) -> Tensor:
+        leaves.append(t.detach().requires_grad_())
+        return leaves[-1]
+
+    out = _map_tensors(x, leaf)
+    if not leaves:
+        raise TypeError(f"maml_step(recompute='steps'): found no tensor in the runner's {type(x).__name__} output")
+    return out, leaves
+
+
+class _RNG:
+    """The random state of the CPU and of `device`: saved before random computations, set again to redo them."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = None if device.type == "cpu" else device
+        self.module = getattr(torch, device.type, None) if self.device is not None else None
+        if self.module is not None and not hasattr(self.module, "get_rng_state"):
+            self.module = None
+
+    def get(self) -> tuple[Tensor, Tensor | None]:
+        return torch.get_rng_state(), None if self.module is None else self.module.get_rng_state(self.device)
+
+    def set(self, state: tuple[Tensor, Tensor | None]) -> None:
+        torch.set_rng_state(state[0])
+        if self.module is not None:
+            self.module.set_rng_state(state[1], self.device)
+
+    def fork(self) -> contextlib.AbstractContextManager:
+        """Restores the random state on exit, so that recomputing leaves the caller's random stream as it was."""
+        if self.module is None:
+            return torch.random.fork_rng(devices=[])
+        return torch.random.fork_rng(devices=[self.device], device_type=self.device.type)
+
+
+def _parse_recompute(recompute: object) -> tuple[bool, int | None]:
+    """(sweep the inner steps, tasks per chunk or None) for maml_step's `recompute`."""
+    if recompute is None:
+        return False, None
+    if isinstance(recompute, str) and recompute == "steps":
+        return True, None
+    if isinstance(recompute, int) and not isinstance(recompute, bool):
+        if recompute >= 1:
+            return False, recompute
+        raise ValueError(f"recompute must be an integer >= 1, got {recompute!r} (or 'steps', or ('steps', k))")
+    if isinstance(recompute, tuple) and len(recompute) == 2 and recompute[0] == "steps":
+        k = recompute[1]
+        if isinstance(k, int) and not isinstance(k, bool) and k >= 1:
+            return True, k
+    raise ValueError(
+        f"recompute must be an integer >= 1 (tasks per chunk), 'steps' or ('steps', k) with k >= 1, got {recompute!r}"
+    )
 
 
 def adapt(
@@ -435,20 +730,38 @@ def _steps(
     create_graph: bool,
 ) -> Iterator[tuple[list[Tensor], Tensor]]:
     """Yields (fast weights, (T,) support losses before the step) after each inner step."""
-    T = x.shape[0]
     feat = run(params, x, 0, start) if start else x
     fast = [params[n] for n in adapted]
     for s in range(inner_steps):
-        with torch.enable_grad():
-            inputs = [f if s else f.expand(T, *f.shape) for f in fast]
-            inputs = [i if i.requires_grad else i.detach().requires_grad_() for i in inputs]
-            pred = run({**params, **dict(zip(adapted, inputs))}, feat, start, twice=create_graph)
-            losses = task_losses(loss_fn, tasks_first(pred), y)
-            grads = torch.autograd.grad(
-                losses.sum(), inputs, create_graph=create_graph, allow_unused=True, materialize_grads=True
-            )
-        fast = ops.fast_weight_update(fast, grads, lr_of(s))
-        yield fast, losses.detach()
+        fast, losses = _step(run, params, adapted, feat, y, start, lr_of(s), fast, loss_fn, create_graph)
+        yield fast, losses
+
+
+def _step(
+    run: Runner,
+    params: dict[str, Tensor],
+    adapted: list[str],
+    feat: object,
+    y: Tensor,
+    start: int,
+    lr: float | list[Tensor],
+    fast: list[Tensor],
+    loss_fn: LossFn,
+    create_graph: bool,
+) -> tuple[list[Tensor], Tensor]:
+    """One inner step of all T tasks from `fast` (shared S_i initial weights or per-task (T, *S_i) ones) on the
+    support features `feat` (the output of layers :start): (new (T, *S_i) fast weights, (T,) support losses
+    before the step, detached)."""
+    T = y.shape[0]
+    with torch.enable_grad():
+        inputs = [f if f.dim() > params[n].dim() else f.expand(T, *f.shape) for n, f in zip(adapted, fast)]
+        inputs = [i if i.requires_grad else i.detach().requires_grad_() for i in inputs]
+        pred = run({**params, **dict(zip(adapted, inputs))}, feat, start, twice=create_graph)
+        losses = task_losses(loss_fn, tasks_first(pred), y)
+        grads = torch.autograd.grad(
+            losses.sum(), inputs, create_graph=create_graph, allow_unused=True, materialize_grads=True
+        )
+    return ops.fast_weight_update(fast, grads, lr), losses.detach()
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
