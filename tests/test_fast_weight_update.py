@@ -452,7 +452,7 @@ def test_version_mismatch_is_reported(monkeypatch):
 
     monkeypatch.delenv("FASTMETA_DISABLE_KERNELS", raising=False)
     monkeypatch.setattr(torch, "__version__", "0.0.1-not-this-one")
-    error, _ = _kernels._load()
+    error, _, _ = _kernels._load()
     if error is not None and "not built" in error:
         pytest.skip("no build info: kernels not built")
     assert error is not None and "0.0.1-not-this-one" in error and "rebuild" in error
