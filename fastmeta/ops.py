@@ -1,5 +1,27 @@
 """fastmeta's public ops: argument handling, dispatch to the compiled kernels (or the reference), and the
-fake, vmap and functorch registrations that make them work under torch.compile and torch.func."""
+fake, vmap and functorch registrations that make them work under torch.compile and torch.func.
+
+Where each op's math lives (a change to one is a change to all; tests/test_derivatives.py runs every derivative
+below on the same inputs):
+
+fast_weight_update, new = decay * params - lr * grads
+    definition       fastmeta/reference.py fast_weight_update
+    forward          csrc/cpu/fast_weight_update.cpp forward_kernel; csrc/cuda/fast_weight_update.cu
+    backward         csrc/cpu/fast_weight_update.cpp backward_kernel; csrc/cuda/fast_weight_update.cu backward_kernel
+                     (plain backward, through csrc/autograd/fast_weight_update.cpp)
+    double backward  csrc/autograd/fast_weight_update.cpp FastWeightUpdate::backward, grad-mode branch (ATen ops)
+    torch.func       _backward_formula (backward under grad mode), _FastWeightUpdate.jvp (forward mode),
+                     _FastWeightUpdate.vmap / _vmap_op (batching rules)
+pairwise_distance, contrastive_loss, contrastive_loss_all_pairs
+    definition       fastmeta/reference.py (also the double backward and the torch.func path)
+    forward          csrc/cpu/contrastive.cpp; csrc/cuda/contrastive.cu
+    backward         csrc/cpu/contrastive.cpp *_backward_cpu; csrc/cuda/contrastive.cu *_backward_cuda;
+                     _pairwise_distance_backward here (in ATen ops)
+
+Argument checks run once on each path: the kernels check in C++ (csrc/checks.h), the reference in Python
+(fastmeta/reference.py), with the same messages; arguments the kernels cannot see (a reduction, labels before
+their conversion to int64, non-tensors) go to the reference's checks.
+"""
 
 from __future__ import annotations
 
@@ -265,11 +287,20 @@ def _use_kernel(t: Tensor) -> bool:
     return not torch._C._are_functorch_transforms_active()
 
 
+def _tensors(*args: object) -> bool:
+    """Whether every argument is a tensor. The kernel path checks its arguments once, in C++ (csrc/checks.h,
+    the same messages as the reference's checks); anything else goes to the reference, which says what is wrong."""
+    return all(isinstance(a, Tensor) for a in args)
+
+
+def _integral(t: Tensor) -> bool:
+    return not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+
+
 def pairwise_distance(x1: Tensor, x2: Tensor, eps: float = EPS) -> Tensor:
     """Row-wise Euclidean distance d_b = sqrt(||x1_b - x2_b||^2 + eps), fused: (B, D), (B, D) -> (B,)."""
-    if not isinstance(x1, Tensor) or not _use_kernel(x1):
+    if not _tensors(x1, x2) or not _use_kernel(x1):
         return reference.pairwise_distance(x1, x2, eps)
-    reference.check_pairs(x1, x2, None, "pairwise_distance")
     return torch.ops.fastmeta.pairwise_distance(x1, x2, float(eps))
 
 
@@ -283,11 +314,9 @@ def contrastive_loss(
     margin). Beware: the widely copied form (1 - y) d^2 + y max(0, m - d)^2 uses y = 1 for DISSIMILAR pairs.
     x1, x2: (B, D); same: (B,) bool, integer or float. reduction: "mean" or "sum" (0-d) or "none" ((B,)).
     """
-    if not isinstance(x1, Tensor) or not _use_kernel(x1):
+    if not _tensors(x1, x2, same) or not _use_kernel(x1):
         return reference.contrastive_loss(x1, x2, same, margin, reduction, eps)
-    op = "contrastive_loss"
-    reference.check_pairs(x1, x2, same, op)
-    reference.check_reduction(reduction, op)
+    reference.check_reduction(reduction, "contrastive_loss")  # the one argument the kernel does not see
     losses = torch.ops.fastmeta.contrastive_loss(x1, x2, same.to(x1.dtype), float(margin), float(eps))
     if reduction == "none":
         return losses
@@ -302,9 +331,9 @@ def contrastive_loss_all_pairs(embeddings: Tensor, labels: Tensor, margin: float
     Tiled (a matrix product per tile, reduced online; backward recomputes each tile): memory O(N * D + tile^2),
     never N x N. labels: (N,) integers. Returns a 0-d tensor in embeddings' dtype.
     """
-    if not isinstance(embeddings, Tensor) or not _use_kernel(embeddings):
+    if not _tensors(embeddings, labels) or not _use_kernel(embeddings) or not _integral(labels):
+        # (non-integer labels: the reference's error; the kernel would only see them after .long())
         return reference.contrastive_loss_all_pairs(embeddings, labels, margin, eps)
-    reference.check_all_pairs(embeddings, labels)
     return torch.ops.fastmeta.contrastive_loss_all_pairs(embeddings, labels.long(), float(margin), float(eps))
 
 
