@@ -12,7 +12,21 @@ DEVICES = [
 
 @pytest.fixture(params=DEVICES)
 def device(request):
+    if request.param == "cuda":
+        _require_cuda_kernels()
     return request.param
+
+
+def _require_cuda_kernels() -> None:
+    """On a machine with a visible GPU, a CUDA case fails (not skips) without the CUDA kernels: else it would
+    compare the reference with itself and pass."""
+    import os
+
+    import fastmeta
+
+    if os.environ.get("FASTMETA_DISABLE_KERNELS") != "1" and not fastmeta.kernels_available("cuda"):
+        info = fastmeta.kernels_info()
+        pytest.fail(f"a GPU is visible but fastmeta's CUDA kernels are not loaded: {info['error'] or 'CPU-only build'}")
 
 
 @pytest.fixture(autouse=True)

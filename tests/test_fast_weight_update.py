@@ -77,6 +77,14 @@ def test_kernels_are_loaded():
     assert hasattr(torch.ops.fastmeta, "fast_weight_update")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+def test_cuda_kernels_are_loaded_where_a_gpu_is_visible():
+    from conftest import _require_cuda_kernels
+
+    _require_cuda_kernels()
+    assert fastmeta.kernels_available("cuda")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shapes", SHAPE_SETS.values(), ids=SHAPE_SETS.keys())
 @pytest.mark.parametrize("T", [1, 5])
