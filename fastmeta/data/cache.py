@@ -18,16 +18,16 @@ def cache_dir(given: str | os.PathLike | None = None) -> Path:
     return Path(given or os.environ.get("FASTMETA_CACHE") or Path.home() / ".cache" / "fastmeta").expanduser()
 
 
-def file_stamp(paths: Iterable[Path], base: Path | None = None) -> str:
+def file_stamp(paths: Iterable[str | os.PathLike], base: str | os.PathLike | None = None) -> str:
     """A short hash of each path's name (relative to `base`), size and modification time: it changes when a file
-    is added, removed, renamed or rewritten. Paths that do not exist count as absent."""
+    is added, removed, renamed or rewritten. A missing file raises FileNotFoundError (naming it). Plain os.stat
+    on strings: 60,000 files take a fraction of a second."""
     h = hashlib.sha1()
+    prefix = os.path.join(os.fspath(base), "") if base is not None else ""
     for p in paths:
-        try:
-            st = p.stat()
-        except OSError:
-            continue
-        name = p.relative_to(base) if base is not None else p
+        p = os.fspath(p)
+        st = os.stat(p)
+        name = p[len(prefix) :] if prefix and p.startswith(prefix) else p
         h.update(f"{name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:12]
 
