@@ -12,6 +12,8 @@ import json
 import os
 import platform
 import sys
+import textwrap
+from dataclasses import fields
 
 import torch
 
@@ -90,9 +92,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _default_out(config: object, resume: bool) -> str:
     """runs/<algo>-<dataset>[-<n>way<k>shot], numbered -2, -3, ... past existing runs (--resume: the latest)."""
-    base = f"runs/{config.algo}-{config.dataset}" + (
-        f"-{config.n_way}way{config.k_shot}shot" if config.dataset == "omniglot" else ""
-    )
+    from fastmeta.train import DATASETS
+
+    classes = "n_way" in DATASETS[config.dataset].reads
+    base = f"runs/{config.algo}-{config.dataset}" + (f"-{config.n_way}way{config.k_shot}shot" if classes else "")
     names = [base] + [f"{base}-{i}" for i in range(2, 1000)]
     existing = [n for n in names if os.path.exists(n)]
     if resume:
@@ -145,47 +148,45 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """The settings given on the command line (None: not given), for RunConfig.make. Raises ValueError for a
+    learner option the chosen learner does not read."""
+    from fastmeta.algorithms import LEARNERS
+    from fastmeta.train import RunConfig, unread_option
+
+    learner = LEARNERS[args.algo or "maml"]
+    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name != "options"}
+    for name in sorted(_learner_options()):
+        value = getattr(args, name)
+        if value is not None and learner.option(name) is None:
+            raise ValueError(unread_option(learner, name, _flag))
+        given[name] = value
+    return {**given, "dataset": args.dataset or "sinusoid"}
+
+
+def _learner_options() -> dict:
+    """Every learner option by name: (the option as its first reader declares it, the learners that read it)."""
+    from fastmeta.algorithms import LEARNERS
+
+    found: dict = {}
+    for learner in LEARNERS.values():
+        for option in learner.options:
+            first, readers = found.setdefault(option.name, (option, []))
+            if (first.type, first.choices) != (option.type, option.choices):
+                raise TypeError(f"option {option.name}: {learner.name} declares another type or choices")
+            readers.append(learner.name)
+    return found
+
+
 def _train_in(args: argparse.Namespace, rank: int, size: int, device: torch.device) -> int:
     from fastmeta.train import RunConfig, train
 
     try:
-        config = RunConfig.make(
-            args.dataset,
-            algo=args.algo,
-            data=args.data,
-            split=args.split,
-            n_way=args.n_way,
-            train_way=args.train_way,
-            k_shot=args.k_shot,
-            train_shot=args.train_shot,
-            n_query=args.n_query,
-            meta_batch=args.meta_batch,
-            inner_steps=args.inner_steps,
-            eval_inner_steps=args.eval_inner_steps,
-            inner_lr=args.inner_lr,
-            meta_lr=args.meta_lr,
-            schedule=args.schedule,
-            iterations=args.iterations,
-            val_every=args.val_every,
-            val_episodes=args.val_episodes,
-            seed=args.seed,
-            hidden=args.hidden,
-            backbone=args.backbone,
-            image_size=args.image_size,
-            extra={
-                k: v
-                for k, v in (
-                    ("fce", args.fce),
-                    ("scale", args.scale),
-                    ("margin", args.margin),
-                    ("pairs", args.pairs),
-                    ("zero_head", args.zero_head),
-                    ("layers", args.layers),
-                )
-                if v is not None and v is not False  # a 0 the user gave is checked, not dropped
-            }
-            or None,
-        )
+        config = RunConfig.make(**_settings(args))
         out = [args.out or _default_out(config, args.resume)]
         if size > 1:  # rank 0 names the folder: the others could see it already made and number theirs apart
             torch.distributed.broadcast_object_list(out, src=0)
@@ -196,7 +197,7 @@ def _train_in(args: argparse.Namespace, rank: int, size: int, device: torch.devi
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"error{f' (rank {rank})' if size > 1 else ''}: {e}", file=sys.stderr)
         return 2
-    if rank == 0:
+    if rank == 0 and args.json:
         print(json.dumps(result))
     return 0
 
@@ -237,6 +238,58 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _learners_help() -> str:
+    from fastmeta.algorithms import LEARNERS
+
+    lines = ["learners (--algo):"]
+    for learner in LEARNERS.values():
+        reads = ", ".join(_flag(o.name) for o in learner.options) or "no options of its own"
+        text = f"{learner.name}: {learner.summary} [reads {reads}]"
+        lines += textwrap.wrap(text, 100, initial_indent="  ", subsequent_indent="    ")
+    return "\n".join(lines)
+
+
+def _add_run_settings(group: argparse._ArgumentGroup) -> None:
+    """One option per RunConfig setting, with its help and per-dataset defaults (fastmeta.train.DATASETS)."""
+    from fastmeta.train import DATASETS, RunConfig
+
+    for f in fields(RunConfig):
+        if f.name == "options":
+            continue
+        meta = f.metadata
+        per_dataset = {n: d.defaults.get(f.name, f.default) for n, d in DATASETS.items()}
+        if f.name not in ("algo", "dataset") and len(set(map(str, per_dataset.values()))) > 1:
+            default = "default: " + ", ".join(f"{n} {v}" for n, v in per_dataset.items())
+        else:
+            default = "" if f.default is None else f"default {f.default}"
+        readers = [n for n, d in DATASETS.items() if f.name in d.reads]
+        only = f"{', '.join(readers)}: " if readers and len(readers) < len(DATASETS) else ""
+        text = f"{only}{meta['help']}" + (f" ({default})" if default else "")
+        kind = meta["type"]
+        group.add_argument(_flag(f.name), type=kind, choices=meta.get("choices"), default=None, help=text)
+
+
+def _add_learner_options(group: argparse._ArgumentGroup) -> None:
+    """One option per learner option, saying which learners read it and their defaults."""
+    from fastmeta.algorithms import LEARNERS
+
+    for name, (option, readers) in _learner_options().items():
+        defaults: dict[str, list[str]] = {}
+        for reader in readers:
+            o = LEARNERS[reader].option(name)
+            text = "" if o.default is None else str(o.default)
+            text += "".join(f", {d} {v}" for d, v in o.per_dataset.items() if v not in (None, o.default))
+            defaults.setdefault(text, []).append(reader)
+        said = "; ".join(f"{', '.join(who)}: {text}" for text, who in defaults.items() if text)
+        text = f"{', '.join(readers)}: {option.help}" + (f" (default {said})" if said else "")
+        if option.type is bool:
+            group.add_argument(_flag(name), action="store_true", default=None, help=text)
+        else:
+            group.add_argument(
+                _flag(name), type=option.type, choices=option.choices, default=None, metavar=option.metavar, help=text
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastmeta", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -269,60 +322,23 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--json", default=None, help="also write the measurements to this JSON file")
     b.set_defaults(func=_bench)
 
-    from fastmeta.train import ALGOS, DATASETS
-
-    t = sub.add_parser("train", help="meta-train a model (default: MAML on sinusoid regression)")
-    t.add_argument(
-        "--algo",
-        choices=ALGOS,
-        default="maml",
-        help="gradient-based: maml, fomaml, metasgd, reptile; model-based: metalstm, snail; metric: protonet, "
-        "matching, siamese; pretrain: the joint-training sinusoid baseline",
+    t = sub.add_parser(
+        "train",
+        help="meta-train a model (default: MAML on sinusoid regression)",
+        description="Meta-train a model: the run's settings, then the options of the learners that read them "
+        "(an option the chosen --algo does not read is an error).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_learners_help(),
     )
-    t.add_argument("--dataset", choices=DATASETS, default="sinusoid")
-    t.add_argument("--data", default=None, help="Omniglot: a torchvision-style folder or the folder of the zips")
-    t.add_argument("--split", choices=["vinyals", "lake"], default=None, help="Omniglot split (default vinyals)")
     t.add_argument("--out", default=None, help="run folder (default runs/<algo>-<dataset>...)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--time-limit", type=float, default=None, help="minutes; then save and stop")
     t.add_argument("--plot", action="store_true", help="write <out>/curve.png (needs matplotlib)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available)")
-    t.add_argument("--fce", type=int, default=None, metavar="STEPS", help="matching: full-context embeddings")
-    t.add_argument(
-        "--scale", type=float, default=None,
-        help="matching: cosine similarities times this before the softmax (default 1, as Vinyals et al.)",
-    )  # fmt: skip
-    t.add_argument("--margin", type=float, default=None, help="siamese: contrastive margin (default 1)")
-    t.add_argument(
-        "--layers", type=int, default=None, help="sinusoid: hidden layers of the MLP, --hidden units each (default 2)"
-    )
-    t.add_argument(
-        "--pairs", choices=["all_pairs", "pairs"], default=None,
-        help="siamese: every pair of an episode (default) or each query with each support example",
-    )  # fmt: skip
-    t.add_argument(
-        "--zero-head", action="store_true",
-        help="maml, fomaml, metasgd, reptile, metalstm: the zeroing trick, every task adapts from a zero head "
-        "(Kao et al. 2022)",
-    )  # fmt: skip
-    t.add_argument("--backbone", choices=["conv4", "koch"], default=None, help="metric learners' embedding")
-    t.add_argument("--image-size", type=int, default=None, help="Omniglot images resized to this (default 28)")
-    t.add_argument(
-        "--schedule", choices=["constant", "linear", "cosine"], default=None,
-        help="meta learning rate over --iterations, to 0 (default: linear for reptile, else constant)",
-    )  # fmt: skip
-    helps = {
-        "train-way": "metric learners: classes per training episode (default: --n-way)",
-        "train-shot": "support examples per class in training episodes (default: --k-shot; validation uses --k-shot)",
-    }
-    for name, kind in (
-        ("n-way", int), ("train-way", int), ("k-shot", int), ("train-shot", int), ("n-query", int),
-        ("meta-batch", int), ("inner-steps", int), ("eval-inner-steps", int), ("inner-lr", float), ("meta-lr", float),
-        ("iterations", int), ("val-every", int), ("val-episodes", int), ("seed", int), ("hidden", int),
-    ):  # fmt: skip
-        text = helps.get(name, "default: per dataset and algorithm (see fastmeta.train)")
-        t.add_argument(f"--{name}", type=kind, default=None, help=text)
+    t.add_argument("--json", action="store_true", help="end with the final validation as one JSON line")
+    _add_run_settings(t.add_argument_group("run settings (defaults per dataset and learner)"))
+    _add_learner_options(t.add_argument_group("learner options (each read by the learners it names)"))
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="meta-test a checkpoint: mean accuracy (or MSE) with a 95%% confidence interval")

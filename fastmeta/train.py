@@ -10,7 +10,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -19,150 +19,227 @@ from torch import nn
 
 import fastmeta
 from fastmeta import distributed
-from fastmeta.algorithms import MetaSGDLR, adapt, maml_step, protonet_step, reptile_step, task_losses
-from fastmeta.algorithms.matching import FullContextEmbedding, matching_step
-from fastmeta.algorithms.meta_lstm import MetaLSTM, meta_lstm_step
-from fastmeta.algorithms.protonet import ProtoOutput
-from fastmeta.algorithms.siamese import siamese_step
-from fastmeta.algorithms.snail import SNAIL, snail_step
+from fastmeta.algorithms import LEARNERS, Learner, task_losses
+from fastmeta.algorithms.common import zero_head
 from fastmeta.data import EpisodeSampler, SinusoidTasks, load_omniglot, omniglot_split
 from fastmeta.models import from_config
 
-ALGOS = ("maml", "fomaml", "metasgd", "reptile", "pretrain", "metalstm", "snail", "protonet", "matching", "siamese")
-METRIC = ("protonet", "matching", "siamese")  # learners that classify by comparing embeddings: no head, no inner loop
-EPISODIC = METRIC + ("snail",)  # read the support set itself: an embedding network, no inner steps
-GRADIENT = ("maml", "fomaml", "metasgd", "reptile")  # adapt a network with a head by gradient steps
-HEADED = GRADIENT + ("metalstm",)  # adapt a linear head: --zero-head applies
-BACKBONES = ("conv4", "koch")
-SCHEDULES = (None, "constant", "linear", "cosine")
-DATASETS = ("sinusoid", "omniglot")
+SCHEDULES = ("constant", "linear", "cosine")
 
-# Per dataset: what a run uses unless told otherwise (Finn et al. 2017's settings, fewer iterations).
-DEFAULTS = {
-    "sinusoid": dict(
-        k_shot=10, n_query=10, meta_batch=25, inner_steps=1, eval_inner_steps=1, inner_lr=0.01, meta_lr=1e-3,
-        iterations=20000, val_every=2000, val_episodes=40, hidden=40,
+
+@dataclass(frozen=True)
+class Backbone:
+    """A network a learner's model is built on: its from_config entry for a run (n_way: the head's outputs, or
+    None for an embedding network)."""
+
+    model_config: Callable[[RunConfig, int | None], dict]
+    embedding_only: bool = False  # no head: only for the learners that read embeddings
+
+
+BACKBONES: dict[str, Backbone] = {
+    "conv4": Backbone(
+        lambda c, n_way: {
+            "model": "Conv4", "n_way": n_way, "in_channels": DATASETS[c.dataset].channels, "hidden": c.hidden,
+            "image_size": c.image_size,
+        }
     ),
-    "omniglot": dict(
-        n_way=5, k_shot=1, n_query=5, meta_batch=32, inner_steps=1, eval_inner_steps=3, inner_lr=0.4, meta_lr=1e-3,
-        iterations=20000, val_every=500, val_episodes=8,
+    "koch": Backbone(  # Koch et al.'s Siamese network, for 105x105 images
+        lambda c, n_way: {
+            "model": "KochNet", "in_channels": DATASETS[c.dataset].channels, "image_size": c.image_size,
+            "embedding_size": 4096,
+        },
+        embedding_only=True,
     ),
 }  # fmt: skip
-# Per (dataset, algo), on top:
-# - the Meta-LSTM reads T * P coordinates (P = 112k for a Conv4) through its LSTM at every update, so it takes fewer
-#   tasks per step, and the paper's 5 updates; its inner_lr is the input gate's initial value (the learned rate),
-#   0.011 as the paper's b_i in [-5, -4];
-# - Reptile moves the weights by meta_lr (Nichol et al.'s outer step size epsilon, 1 annealed linearly to 0) times
-#   theta - mean(adapted weights), and with one inner step it is joint training: Nichol et al.'s Omniglot settings
-#   (5 tasks a step, 5 inner steps, 10-shot training episodes; SGD inner steps here, not their Adam; 10 test steps)
-#   and, for sinusoids, their inner rate 0.02 (a 40-40 MLP: 1000 steps take the MSE after 10 test steps 4.0 -> 0.7).
-ALGO_DEFAULTS = {
-    ("omniglot", "metalstm"): dict(meta_batch=8, inner_steps=5, eval_inner_steps=5, inner_lr=0.011),
-    ("omniglot", "reptile"): dict(
-        meta_batch=5, inner_steps=5, eval_inner_steps=10, train_shot=10, inner_lr=0.1, meta_lr=1.0
+
+
+def _sinusoid_episodes(config: RunConfig, part: str, n_way: int, k_shot: int, seed: int, shard: tuple[int, int]):  # noqa: ANN202
+    return SinusoidTasks(k_shot, config.n_query, config.meta_batch, seed=seed, shard=shard)
+
+
+def _omniglot_episodes(config: RunConfig, part: str, n_way: int, k_shot: int, seed: int, shard: tuple[int, int]):  # noqa: ANN202
+    if config.data is None:
+        raise FileNotFoundError(
+            "omniglot needs --data PATH: a folder with omniglot-py/images_background/ and images_evaluation/ "
+            "(torchvision's layout), or with images_background.zip and images_evaluation.zip"
+        )
+    images = omniglot_split(load_omniglot(config.data, config.image_size), config.split, part)
+    return EpisodeSampler(images, n_way, k_shot, config.n_query, config.meta_batch, seed=seed, shard=shard)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A dataset a run can use: its task kind ("regression": MSE, or "classification": accuracy), its default run
+    settings (Finn et al.'s, fewer iterations), the run settings only it reads (an error elsewhere), its episodes
+    and its model."""
+
+    kind: str
+    defaults: dict[str, object]
+    reads: tuple[str, ...]
+    episodes: Callable  # (config, part, n_way, k_shot, seed, shard) -> episodes indexed by step
+    channels: int = 1
+
+    def model_config(self, config: RunConfig, head: bool) -> dict:
+        if self.kind == "regression":
+            return {"model": "MLP", "sizes": [1, *[config.hidden] * config.layers, 1]}
+        return BACKBONES[config.backbone].model_config(config, config.n_way if head else None)
+
+
+DATASETS: dict[str, Dataset] = {
+    "sinusoid": Dataset(
+        "regression",
+        dict(k_shot=10, n_query=10, meta_batch=25, meta_lr=1e-3, iterations=20000, val_every=2000, val_episodes=40,
+             hidden=40),
+        reads=("layers",),
+        episodes=_sinusoid_episodes,
     ),
-    ("sinusoid", "reptile"): dict(inner_steps=5, inner_lr=0.02, meta_lr=1.0),
-    ("sinusoid", "metalstm"): dict(inner_lr=0.011),
-}
+    "omniglot": Dataset(
+        "classification",
+        dict(n_way=5, k_shot=1, n_query=5, meta_batch=32, meta_lr=1e-3, iterations=20000, val_every=500,
+             val_episodes=8),
+        reads=("data", "split", "n_way", "backbone", "image_size"),
+        episodes=_omniglot_episodes,
+    ),
+}  # fmt: skip
+
+
+def _setting(default: object, help: str, kind: type | None = None, **more: object):  # noqa: A002, ANN202
+    """A run setting: a field of RunConfig and an option of `fastmeta train` (kind: its type, default that of
+    `default`; choices; minimum: for an int, default 1, None for none; positive: for a float, > 0)."""
+    return field(default=default, metadata={"help": help, "type": kind or type(default), **more})
 
 
 @dataclass
 class RunConfig:
-    """Everything a run depends on; saved in every checkpoint (a resumed run must use the same)."""
+    """Everything a run depends on; saved in every checkpoint (a resumed run must use the same). The settings
+    of every run are fields (defaults per dataset: DATASETS); the chosen learner's own are in `options`
+    (declared by the learner, fastmeta.algorithms.LEARNERS) and read as attributes too (config.inner_lr)."""
 
-    algo: str = "maml"
-    dataset: str = "sinusoid"
-    data: str | None = None  # Omniglot folder or zips (see fastmeta.data.omniglot)
-    split: str = "vinyals"
-    n_way: int = 5
-    train_way: int | None = None  # metric learners: classes per training episode (None: n_way)
-    k_shot: int = 1
-    train_shot: int | None = None  # support examples per class in training episodes (None: k_shot); val/test: k_shot
-    n_query: int = 5
-    meta_batch: int = 32
-    inner_steps: int = 1
-    eval_inner_steps: int = 3
-    inner_lr: float = 0.4
-    meta_lr: float = 1e-3
-    schedule: str | None = None  # meta_lr over the iterations: constant, linear or cosine (to 0); None: per algo
-    iterations: int = 20000
-    val_every: int = 500
-    val_episodes: int = 8  # validation batches of meta_batch tasks each
-    seed: int = 0
-    hidden: int = 64
-    backbone: str = "conv4"  # conv4, or koch (Koch et al.'s Siamese network, for 105x105 images)
-    image_size: int = 28
-    extra: dict = field(default_factory=dict)
+    algo: str = _setting("maml", "the learner", choices=tuple(LEARNERS))
+    dataset: str = _setting("sinusoid", "the tasks", choices=tuple(DATASETS))
+    data: str | None = _setting(None, "where the dataset is (Omniglot: a torchvision-style folder or the folder "
+                                "of the zips)", kind=str)  # fmt: skip
+    split: str = _setting("vinyals", "Omniglot split", choices=("vinyals", "lake"))
+    n_way: int = _setting(5, "classes per episode")
+    k_shot: int = _setting(1, "support examples per class (sinusoid: points per task)")
+    n_query: int = _setting(5, "query examples per class (sinusoid: points per task)", minimum=0)
+    meta_batch: int = _setting(32, "tasks per meta-step")
+    meta_lr: float = _setting(1e-3, "meta (outer) learning rate", positive=True)
+    schedule: str | None = _setting(
+        None, "meta learning rate over --iterations, to 0 (default: the learner's)", kind=str, choices=SCHEDULES
+    )
+    iterations: int = _setting(20000, "meta-steps")
+    val_every: int = _setting(500, "meta-steps between validations (and checkpoints)")
+    val_episodes: int = _setting(8, "validation batches of --meta-batch tasks each")
+    seed: int = _setting(0, "seed of the model's initialisation and of the episodes", minimum=None)
+    hidden: int = _setting(64, "width of the model's hidden layers (Conv4: channels)")
+    layers: int = _setting(2, "hidden layers of the MLP, --hidden units each")
+    backbone: str = _setting("conv4", "the network (koch: Koch et al.'s, for the learners without a head)",
+                             choices=tuple(BACKBONES))  # fmt: skip
+    image_size: int = _setting(28, "images resized to this")
+    options: dict = field(default_factory=dict)
 
     @staticmethod
     def make(dataset: str = "sinusoid", **overrides: object) -> RunConfig:
-        """The defaults of `dataset` with `overrides` (None values ignored)."""
+        """The defaults of `dataset` and of the learner (`algo`, default maml) with `overrides` (None values
+        ignored): run settings and the learner's options by name (or in `options`)."""
         if dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+            raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {dataset!r}")
         given = {k: v for k, v in overrides.items() if v is not None}
-        values = {**DEFAULTS[dataset], **ALGO_DEFAULTS.get((dataset, given.get("algo", "maml")), {}), **given}
-        names = {f.name for f in fields(RunConfig)}
-        unknown = set(values) - names
-        if unknown:
-            raise ValueError(f"unknown settings {sorted(unknown)}")
-        config = RunConfig(dataset=dataset, **values)
-        config.check()
+        learner = _learner(given.pop("algo", "maml"))
+        options = {k: v for k, v in (given.pop("options", None) or {}).items() if v is not None}
+        names = {f.name for f in fields(RunConfig)} - {"options"}
+        options.update({k: given.pop(k) for k in list(given) if k not in names})
+        for name in options:
+            if learner.option(name) is None:
+                raise ValueError(unread_option(learner, name))
+        settings = {**DATASETS[dataset].defaults, **learner.defaults.get(dataset, {}), **given}
+        options = {o.name: options.get(o.name, o.default_for(dataset)) for o in learner.options}
+        config = RunConfig(algo=learner.name, dataset=dataset, **settings, options=options)
+        config.check(given)
         return config
 
-    def check(self) -> None:
-        if self.algo not in ALGOS:
-            raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
-        if self.algo == "pretrain" and self.dataset != "sinusoid":
-            raise ValueError("algo 'pretrain' (the joint-training baseline) is for the sinusoid dataset")
-        if self.algo in EPISODIC and self.dataset == "sinusoid":
-            raise ValueError(f"algo {self.algo!r} classifies: use --dataset omniglot")
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
-        if self.backbone == "koch" and self.algo not in METRIC:
-            raise ValueError(f"the koch backbone is an embedding network, for the metric learners {METRIC}")
-        for key, algo in (("fce", "matching"), ("scale", "matching"), ("margin", "siamese"), ("pairs", "siamese")):
-            if self.extra.get(key) is not None and self.algo != algo:
-                raise ValueError(f"{key} is for {algo}, not {self.algo!r}")
-        for key, valid, bound in (
-            ("fce", lambda v: v >= 1, ">= 1"), ("scale", lambda v: v > 0, "> 0"), ("margin", lambda v: v > 0, "> 0")
-        ):  # fmt: skip
-            value = self.extra.get(key)
-            if value is not None and not valid(value):
-                raise ValueError(f"{key} must be {bound}, got {value}")
-        layers = self.extra.get("layers")
-        if layers is not None and (self.dataset != "sinusoid" or not isinstance(layers, int) or layers < 1):
+    @staticmethod
+    def from_dict(saved: dict) -> RunConfig:
+        """The RunConfig of a checkpoint's "config", also as written before the learners' declarations (the
+        learner's options as fields and in `extra`)."""
+        saved = dict(saved)
+        if "options" not in saved:
+            learner = _learner(saved["algo"])
+            extra = saved.pop("extra", None) or {}
+            saved["layers"] = extra.get("layers", 2)
+            old = {**{k: saved[k] for k in saved}, **extra}
+            saved["options"] = {
+                o.name: old[o.name] if old.get(o.name) is not None else o.default_for(saved["dataset"])
+                for o in learner.options
+            }
+        names = {f.name for f in fields(RunConfig)}
+        return RunConfig(**{k: v for k, v in saved.items() if k in names})
+
+    def __getattr__(self, name: str) -> object:
+        """The learner's options as attributes: config.inner_lr."""
+        options = self.__dict__.get("options")
+        if options is None or name.startswith("__"):
+            raise AttributeError(name)
+        if name in options:
+            return options[name]
+        raise AttributeError(f"{name!r}: {unread_option(_learner(self.algo), name)}")
+
+    def get(self, name: str, default: object = None) -> object:
+        """A learner option, or `default` where the learner does not read it."""
+        return self.options.get(name, default)
+
+    @property
+    def learner(self) -> Learner:
+        return _learner(self.algo)
+
+    def check(self, given: dict | None = None) -> None:
+        """Raises ValueError naming the setting unless the settings make a run. given: the settings the user
+        set (an error for one that the dataset does not read)."""
+        learner, data = self.learner, DATASETS.get(self.dataset)
+        if data is None:
+            raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {self.dataset!r}")
+        if data.kind not in learner.tasks:
+            which = [n for n, d in DATASETS.items() if d.kind in learner.tasks]
+            raise ValueError(f"algo {self.algo!r} is for {' and '.join(learner.tasks)} tasks: use --dataset "
+                             f"{' or '.join(which)}, not {self.dataset}")  # fmt: skip
+        own = {r for d in DATASETS.values() for r in d.reads}
+        for name in sorted(set(given or {}) & own - set(data.reads)):
+            others = [n for n, d in DATASETS.items() if name in d.reads]
+            raise ValueError(f"{name} is a setting of {' and '.join(others)} runs, not of {self.dataset} ones")
+        for f in fields(self):
+            if f.name == "options":
+                continue
+            value, meta = getattr(self, f.name), f.metadata
+            if value is None and f.default is None:
+                continue
+            number = meta["type"] is float and isinstance(value, int)  # an int where a float goes is fine
+            if isinstance(value, bool) or not (isinstance(value, meta["type"]) or number):
+                raise ValueError(f"{f.name} must be a {meta['type'].__name__}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+            if meta.get("choices") is not None and value not in meta["choices"]:
+                raise ValueError(f"{f.name} must be one of {meta['choices']}, got {value!r}")
+            low = meta.get("minimum", 1 if meta["type"] is int else None)
+            if low is not None and value < low:
+                raise ValueError(f"{f.name} must be >= {low}, got {value}")
+            if meta.get("positive") and not value > 0:
+                raise ValueError(f"{f.name} must be > 0, got {value}")
+        if BACKBONES[self.backbone].embedding_only and learner.head:
+            headless = [n for n, x in LEARNERS.items() if not x.head]
             raise ValueError(
-                f"layers is the sinusoid MLP's number of hidden layers, >= 1; got {layers!r} for {self.dataset}"
+                f"the {self.backbone} backbone is an embedding network, for the learners without a head "
+                f"({', '.join(headless)}), not {self.algo!r}"
             )
-        if self.extra.get("zero_head") and self.algo not in HEADED:
-            raise ValueError(f"zero_head is for the learners that adapt a head, {HEADED}, not {self.algo!r}")
-        if self.algo == "metalstm" and not 0 < self.inner_lr < 1:
-            raise ValueError(f"inner_lr is the Meta-LSTM's first rate (its input gate), in (0, 1), got {self.inner_lr}")
-        if self.extra.get("pairs") not in (None, "all_pairs", "pairs"):
-            raise ValueError(f"pairs must be all_pairs or pairs, got {self.extra['pairs']!r}")
-        if self.train_way is not None and self.algo not in METRIC:
-            raise ValueError(
-                f"train_way is for metric learners {METRIC}: the head of {self.algo!r} has n_way={self.n_way} outputs"
-            )
-        if self.train_shot is not None and self.algo == "snail":
-            raise ValueError(
-                "train_shot: SNAIL reads sequences of n_way * k_shot + 1 examples, so it trains on the k_shot it tests"
-            )
-        if self.train_shot is not None and self.train_shot < 1:
-            raise ValueError(f"train_shot must be >= 1, got {self.train_shot}")
-        for name in ("k_shot", "meta_batch", "iterations", "val_every", "val_episodes", "hidden"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES[1:]}, got {self.schedule!r}")
-        for name in ("inner_steps", "eval_inner_steps", "n_query"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if set(self.options) != {o.name for o in learner.options}:
+            raise ValueError(f"options {sorted(self.options)} are not those {self.algo} reads: {_names(learner)}")
+        for o in learner.options:
+            o.check(self.options[o.name])
 
     def lr_at(self, it: int) -> float:
-        """The meta learning rate of iteration `it`: Reptile's anneals linearly to 0 (Nichol et al.) unless a
-        schedule says otherwise; the others' stay constant."""
-        schedule = self.schedule or ("linear" if self.algo == "reptile" else "constant")
+        """The meta learning rate of iteration `it`, per the schedule (default: the learner's; Reptile's anneals
+        linearly to 0, as Nichol et al.; the others' stay constant)."""
+        schedule = self.schedule or self.learner.schedule
         done = it / self.iterations
         if schedule == "linear":
             return self.meta_lr * (1 - done)
@@ -172,60 +249,44 @@ class RunConfig:
 
     @property
     def loss_fn(self) -> Callable:
-        return F.mse_loss if self.dataset == "sinusoid" else F.cross_entropy
+        return F.mse_loss if DATASETS[self.dataset].kind == "regression" else F.cross_entropy
+
+    @property
+    def metric(self) -> str:
+        return "mse" if DATASETS[self.dataset].kind == "regression" else "accuracy"
 
     def model_config(self) -> dict:
-        if self.dataset == "sinusoid":
-            return {"model": "MLP", "sizes": [1, *[self.hidden] * self.extra.get("layers", 2), 1]}
-        if self.backbone == "koch":
-            return {"model": "KochNet", "in_channels": 1, "image_size": self.image_size, "embedding_size": 4096}
-        n_way = None if self.algo in EPISODIC else self.n_way  # an embedding network
-        return {
-            "model": "Conv4",
-            "n_way": n_way,
-            "in_channels": 1,
-            "hidden": self.hidden,
-            "image_size": self.image_size,
-        }
+        return DATASETS[self.dataset].model_config(self, self.learner.head)
+
+
+def _learner(name: object) -> Learner:
+    if name not in LEARNERS:
+        raise ValueError(f"algo must be one of {tuple(LEARNERS)}, got {name!r}")
+    return LEARNERS[name]
+
+
+def _names(learner: Learner) -> str:
+    return ", ".join(o.name for o in learner.options) or "none"
+
+
+def unread_option(learner: Learner, name: str, flag: Callable[[str], str] = str) -> str:
+    """The error for a setting `learner` does not read: which learners read it, and what this one reads."""
+    readers = [n for n, x in LEARNERS.items() if x.option(name) is not None]
+    if not readers:
+        return f"unknown setting {flag(name)}"
+    reads = ", ".join(flag(o.name) for o in learner.options) or "no options of its own"
+    who = learner.name
+    return f"{flag(name)} is not an option of {who} (it is for {', '.join(readers)}); {who} reads {reads}"
 
 
 def build_model(
     config: RunConfig, device: str | torch.device = "cpu", model_config: dict | None = None
 ) -> tuple[nn.Module, nn.Module | None]:
-    """The run's model (on `device`; `model_config`: a checkpoint's, else the config's) and the other module it
-    learns, if any: Meta-SGD's inner rates (MetaSGDLR) or the full-context embeddings of matching networks."""
-    model = from_config(model_config or config.model_config())
-    if config.algo == "metalstm":  # the learner inside its meta-learner: one module, one state dict
-        model = MetaLSTM(model, hidden=20, init_lr=config.inner_lr)
-    elif config.algo == "snail":
-        model = SNAIL(config.n_way, config.k_shot, model, model.embedding_size)
-    model = model.to(device)
-    if config.extra.get("zero_head"):
-        zero_head(model)
-    aux: nn.Module | None = None
-    if config.algo == "metasgd":
-        aux = MetaSGDLR(model, init=config.inner_lr)
-    elif config.algo == "matching" and config.extra.get("fce"):
-        aux = FullContextEmbedding(model.embedding_size, steps=int(config.extra["fce"]))
-    return model, aux if aux is None else aux.to(device)
-
-
-def zero_head(model: nn.Module) -> None:
-    """The zeroing trick (Kao et al. 2022, "MAML is a noisy contrastive learner in classification"): set the
-    head's weight and bias to 0, as after every meta-update of a --zero-head run. Each task then adapts from a
-    zero head: for cross-entropy its first inner step makes row c of the head inner_lr * (the mean support feature
-    of class c minus 1/n_way times that of all classes), a prototype-like classifier, and the meta-gradient
-    carries no noise from a random initial head. For a MetaLSTM, its learner's head (the head's part of the
-    initial cell state theta_0)."""
-    if isinstance(model, MetaLSTM):
-        model = model.learner
-    head = getattr(model, "head", None)
-    if not isinstance(head, nn.Linear):
-        raise ValueError(f"zero_head: the model needs a linear `head`, {type(model).__name__} has none")
-    with torch.no_grad():
-        head.weight.zero_()
-        if head.bias is not None:
-            head.bias.zero_()
+    """The run's model (on `device`; `model_config`: a checkpoint's backbone, else the config's), as the learner
+    builds it around its backbone, and the other module it learns, if any (its `aux`: Meta-SGD's inner rates,
+    the full-context embeddings of matching networks)."""
+    model, aux = config.learner.build(config, from_config(model_config or config.model_config()))
+    return model.to(device), aux if aux is None else aux.to(device)
 
 
 def datasets(config: RunConfig, part: str = "train", shard: tuple[int, int] = (0, 1)) -> torch.utils.data.Dataset:
@@ -233,18 +294,10 @@ def datasets(config: RunConfig, part: str = "train", shard: tuple[int, int] = (0
     shard: (rank, world_size), this process's tasks of each meta-batch."""
     seed = config.seed * 1000 + {"train": 0, "val": 1, "trainval": 0, "test": 2}[part]
     training = part in ("train", "trainval")  # the run's training episodes: --train-shot and --train-way apply
-    k_shot = config.train_shot or config.k_shot if training else config.k_shot
-    if config.dataset == "sinusoid":
-        return SinusoidTasks(k_shot, config.n_query, config.meta_batch, seed=seed, shard=shard)
-    n_way = config.train_way or config.n_way if training else config.n_way
-    if config.data is None:
-        raise FileNotFoundError(
-            "omniglot needs --data PATH: a folder with omniglot-py/images_background/ and images_evaluation/ "
-            "(torchvision's layout), or with images_background.zip and images_evaluation.zip"
-        )
-    images = omniglot_split(load_omniglot(config.data, config.image_size), config.split, part)
+    k_shot = config.get("train_shot") or config.k_shot if training else config.k_shot
+    n_way = config.get("train_way") or config.n_way if training else config.n_way
     try:
-        return EpisodeSampler(images, n_way, k_shot, config.n_query, config.meta_batch, seed=seed, shard=shard)
+        return DATASETS[config.dataset].episodes(config, part, n_way, k_shot, seed, shard)
     except ValueError as e:
         if k_shot == config.k_shot:
             raise
@@ -286,52 +339,25 @@ def _step(
     """One meta-step on this process's tasks; with several processes, the meta-gradient (and the logged loss
     and accuracy) are summed over them weighted by `share`, this process's fraction of the meta-batch, and
     `stop` is true on every process when it is on any."""
+    learner = config.learner
     opt.zero_grad(set_to_none=True)
-    if config.algo == "reptile":  # writes the Reptile direction into .grad
-        out = reptile_step(model, batch, config.inner_lr, config.inner_steps, config.loss_fn)
+    out = learner.objective(config, model, aux, batch)
+    if learner.writes_gradient:  # the objective has put the meta-gradient into .grad (Reptile's direction)
         loss = out.task_losses.mean()
     else:
-        out = _objective(config, model, aux, batch)
         out.loss.backward()
         loss = out.loss.detach()
     acc = torch.nan if out.accuracy is None else out.accuracy.float().mean().item()
     stats = torch.tensor([loss.item() * share, acc * share, float(stop)], dtype=torch.float64)
     params = [p for group in opt.param_groups for p in group["params"]]
     stats = distributed.all_reduce_gradients(params, share, stats)
-    if config.algo == "metalstm":
-        torch.nn.utils.clip_grad_norm_(params, 0.25)  # Ravi & Larochelle clip the meta-gradient's norm to 0.25
+    if learner.after_backward is not None:
+        learner.after_backward(config, params)
     opt.step()
-    if config.extra.get("zero_head"):
-        zero_head(model)
+    if learner.after_step is not None:
+        learner.after_step(config, model)
     loss, acc, stop = stats.tolist()
     return {"loss": loss, "accuracy": None if math.isnan(acc) else acc, "stop": stop > 0}
-
-
-def _objective(config: RunConfig, model: nn.Module, aux: nn.Module | None, batch):  # noqa: ANN001, ANN202
-    """The meta-training objective of one batch (an output with .loss, .accuracy) for every algo but Reptile."""
-    if config.algo in METRIC:
-        return _metric_step(config, model, aux, batch, config.train_way or config.n_way)
-    if config.algo == "snail":
-        return snail_step(model, batch)
-    if config.algo == "metalstm":
-        return meta_lstm_step(model, batch, config.inner_steps, config.loss_fn)
-    if config.algo == "pretrain":  # joint training on every point of every task, no adaptation
-        x = torch.cat([batch.support_x, batch.query_x], 1)
-        y = torch.cat([batch.support_y, batch.query_y], 1)
-        return maml_step(
-            model, type(batch)(batch.support_x, batch.support_y, x, y), config.inner_lr, 0, False, config.loss_fn
-        )
-    inner_lr = aux if config.algo == "metasgd" else config.inner_lr
-    return maml_step(model, batch, inner_lr, config.inner_steps, config.algo == "fomaml", config.loss_fn)
-
-
-def _metric_step(config: RunConfig, model: nn.Module, aux: nn.Module | None, batch, n_way: int) -> ProtoOutput:  # noqa: ANN001
-    if config.algo == "protonet":
-        return protonet_step(model, batch, n_way)
-    if config.algo == "siamese":
-        extra = config.extra
-        return siamese_step(model, batch, extra.get("margin") or 1.0, extra.get("pairs") or "all_pairs", n_way)
-    return matching_step(model, batch, n_way, fce=aux, scale=config.extra.get("scale") or 1.0)
 
 
 def evaluate_model(
@@ -351,32 +377,15 @@ def evaluate_model(
     was_training = model.training
     for i in range(batches):
         b = episodes[i].to(device)
-        if config.algo in METRIC:
-            with torch.no_grad():
-                pred = _metric_step(config, model, aux, b, config.n_way).logits
-        elif config.algo == "snail":
-            with torch.no_grad():
-                pred = model(b)
-        elif config.algo == "metalstm":
-            with torch.no_grad():  # the inner gradients are still taken; no graph is kept across the steps
-                fast = model.adapt(b.support_x, b.support_y, inner_steps, config.loss_fn)[0]
-                pred = model.predict(fast, b.query_x)
-        else:
-            inner_lr = aux if config.algo == "metasgd" else config.inner_lr
-            pred = adapt(model, b.support_x, b.support_y, inner_lr, inner_steps, config.loss_fn)(b.query_x)
-        if config.dataset == "sinusoid":
+        pred = config.learner.predict(config, model, aux, b, inner_steps)
+        if config.metric == "mse":
             values.append(task_losses(config.loss_fn, pred, b.query_y))
         else:
             values.append((pred.argmax(-1) == b.query_y).float().mean(1))
     model.train(was_training)
     v = torch.cat(values).double()[:tasks]
     ci = 1.96 * v.std().item() / math.sqrt(len(v)) if len(v) > 1 else float("nan")
-    return {
-        "metric": "mse" if config.dataset == "sinusoid" else "accuracy",
-        "mean": v.mean().item(),
-        "ci95": ci,
-        "tasks": len(v),
-    }
+    return {"metric": config.metric, "mean": v.mean().item(), "ci95": ci, "tasks": len(v)}
 
 
 class _Progress:
@@ -443,15 +452,12 @@ def train(
     model, aux = build_model(config, device)
     share = len(distributed.shard_range(config.meta_batch, rank, size)) / config.meta_batch
     params = list(model.parameters()) + (list(aux.parameters()) if aux is not None else [])
-    opt: torch.optim.Optimizer
-    if config.algo == "reptile":
-        opt = torch.optim.SGD(params, lr=config.meta_lr)
-    else:
-        opt = torch.optim.Adam(params, lr=config.meta_lr)
+    optimizer = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[config.learner.optimizer]
+    opt: torch.optim.Optimizer = optimizer(params, lr=config.meta_lr)
     start, history, best = 0, [], None
     if resume:
         state = load_checkpoint(ckpt_path)
-        saved = RunConfig(**state["config"])
+        saved = RunConfig.from_dict(state["config"])
         if saved != config:
             diff = {k: (v, getattr(config, k)) for k, v in asdict(saved).items() if getattr(config, k) != v}
             raise ValueError(
@@ -513,7 +519,7 @@ def train(
             continue
         progress.update(info)
         if it % config.val_every == 0 or it == config.iterations or timed_out:
-            v = evaluate_model(model, aux, config, val_set, config.val_episodes, config.eval_inner_steps)
+            v = evaluate_model(model, aux, config, val_set, config.val_episodes, config.get("eval_inner_steps", 0))
             result = {"iteration": it, "seconds": time.time() - tic, "train_loss": info["loss"], "val": v["mean"]}
             result["val_ci95"] = v["ci95"]
             history.append(result)
@@ -592,25 +598,23 @@ def evaluate(
     if episodes < 1 or tasks_per_batch < 1:
         raise ValueError(f"episodes and tasks_per_batch must be >= 1, got {episodes} and {tasks_per_batch}")
     state = load_checkpoint(checkpoint)
-    config = RunConfig(**state["config"])
+    config = RunConfig.from_dict(state["config"])
+    learner = config.learner
     if data is not None:
         config.data = data
-    if config.dataset == "sinusoid" and n_way is not None:
-        raise ValueError("n_way: sinusoid tasks have no classes")
+    if n_way is not None and "n_way" not in DATASETS[config.dataset].reads:
+        raise ValueError(f"n_way: {config.dataset} tasks have no classes")
+    built_for = dict(learner.built_for)
+    if learner.head:
+        headless = ", ".join(n for n, x in LEARNERS.items() if not x.head and "n_way" not in x.built_for)
+        built_for["n_way"] = f"its head has n_way outputs (the learners that test on any number: {headless})"
     for name, value in (("n_way", n_way), ("k_shot", k_shot)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-        if value is None or value == getattr(config, name):
-            continue
-        if (name == "n_way" and config.algo not in METRIC) or config.algo == "snail":
-            why = (
-                f"only the metric learners {METRIC} test on other numbers of classes"
-                if name == "n_way"
-                else "its sequence of support pairs has a fixed length"
-            )
+        if value is not None and value != getattr(config, name) and name in built_for:
             raise ValueError(
                 f"{name}: a {config.algo} model is built for {getattr(config, name)}-{name.split('_')[1]} "
-                f"episodes; {why}"
+                f"episodes; {built_for[name]}"
             )
     saved = state.get("model_config") or config.model_config()
     if saved.get("model") != config.model_config()["model"]:  # e.g. an MLP's weights under a Conv4 run's config
@@ -622,15 +626,17 @@ def evaluate(
     tested = {"n_way": n_way or config.n_way, "k_shot": k_shot or config.k_shot}
     tasks_per_batch = min(tasks_per_batch, episodes)
     # the tested episodes, whatever the part: not the wider training episodes of --train-way or --train-shot
-    eval_config = RunConfig(
-        **{**asdict(config), **tested, "meta_batch": tasks_per_batch, "train_way": None, "train_shot": None}
-    )
+    wider = {k: None for k in ("train_way", "train_shot") if k in config.options}
+    eval_config = replace(config, **tested, meta_batch=tasks_per_batch, options={**config.options, **wider})
     batches = math.ceil(episodes / tasks_per_batch)
-    steps = config.eval_inner_steps if inner_steps is None else inner_steps
+    steps = config.get("eval_inner_steps", 0) if inner_steps is None else inner_steps
     result = evaluate_model(model, aux, eval_config, datasets(eval_config, part), batches, steps, episodes)
     result["config"] = {**asdict(config), **tested}
-    result["inner_steps"] = None if config.algo in EPISODIC else steps  # metric learners and SNAIL do not adapt
+    result["inner_steps"] = steps if learner.adapts else None  # the metric learners and SNAIL do not adapt
     return result
 
 
-__all__ = ["RunConfig", "train", "evaluate", "save_checkpoint", "load_checkpoint", "plot_history"]
+__all__ = [
+    "RunConfig", "train", "evaluate", "save_checkpoint", "load_checkpoint", "plot_history", "zero_head", "DATASETS",
+    "BACKBONES",
+]  # fmt: skip

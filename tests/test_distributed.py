@@ -114,6 +114,7 @@ SIN = [
     "5",
     "--inner-steps",
     "2",
+    "--json",  # the final validation as a JSON line, which the test reads
 ]
 
 

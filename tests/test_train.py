@@ -25,7 +25,7 @@ def run(args, capsys):
 @pytest.mark.parametrize("algo", ["maml", "fomaml", "metasgd", "reptile", "pretrain", "metalstm"])
 def test_sinusoid_runs_checkpoints_and_evaluates(tmp_path, capsys, algo):
     out = tmp_path / "run"
-    code, stdout, err = run(["train", "--algo", algo, "--out", str(out)] + QUICK, capsys)
+    code, stdout, err = run(["train", "--algo", algo, "--out", str(out), "--json"] + QUICK, capsys)
     assert code == 0, err
     assert json.loads(stdout.strip().splitlines()[-1])["iteration"] == 30
     state = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -35,7 +35,7 @@ def test_sinusoid_runs_checkpoints_and_evaluates(tmp_path, capsys, algo):
         assert state["aux"] is not None
     code, stdout, err = run(["eval", str(out / "checkpoint.pt"), "--episodes", "100"], capsys)
     assert code == 0, err
-    assert f"{algo} sinusoid 10-shot, test split, 100 tasks, 1 inner steps: mse" in stdout and "(95% CI)" in stdout
+    assert f"{algo} sinusoid 10-shot, test split, 100 tasks, 1 inner step: mse" in stdout and "(95% CI)" in stdout
     code, stdout, err = run(["eval", str(out / "best.pt"), "--episodes", "10", "--k-shot", "20"], capsys)
     assert code == 0 and f"{algo} sinusoid 20-shot, test split, 10 tasks" in stdout, err
     code, stdout, err = run(["eval", str(out / "best.pt"), "--episodes", "7", "--tasks-per-batch", "3"], capsys)
@@ -122,33 +122,45 @@ def test_train_errors(tmp_path, capsys):
     )
     assert code == 2 and "Omniglot not found under" in err
     code, _, err = run(["train", "--algo", "pretrain", "--dataset", "omniglot", "--out", str(tmp_path / "c")], capsys)
-    assert code == 2 and "pretrain" in err
+    assert code == 2 and "algo 'pretrain' is for regression tasks: use --dataset sinusoid, not omniglot" in err
     code, _, err = run(["train", "--algo", "protonet", "--out", str(tmp_path / "d")], capsys)
-    assert code == 2 and "'protonet' classifies: use --dataset omniglot" in err
+    assert code == 2 and "algo 'protonet' is for classification tasks: use --dataset omniglot" in err
     code, _, err = run(["train", "--algo", "snail", "--out", str(tmp_path / "d2")], capsys)
-    assert code == 2 and "'snail' classifies: use --dataset omniglot" in err
+    assert code == 2 and "algo 'snail' is for classification tasks: use --dataset omniglot" in err
     code, _, err = run(["train", "--dataset", "omniglot", "--train-way", "20", "--out", str(tmp_path / "f")], capsys)
-    assert code == 2 and "train_way is for metric learners" in err
+    assert code == 2 and "--train-way is not an option of maml (it is for protonet, matching, siamese)" in err
     code, _, err = run(["train", "--fce", "3", "--out", str(tmp_path / "g")], capsys)
-    assert code == 2 and "fce is for matching, not 'maml'" in err
+    assert code == 2 and "--fce is not an option of maml (it is for matching); maml reads --inner-lr," in err
     code, _, err = run(["train", "--margin", "3", "--out", str(tmp_path / "h")], capsys)
-    assert code == 2 and "margin is for siamese" in err
+    assert code == 2 and "--margin is not an option of maml (it is for siamese)" in err
     code, _, err = run(
         ["train", "--dataset", "omniglot", "--algo", "protonet", "--scale", "3", "--out", str(tmp_path / "h2")], capsys
     )
-    assert code == 2 and "scale is for matching, not 'protonet'" in err
+    assert (
+        code == 2
+        and "--scale is not an option of protonet" in err
+        and "protonet reads --train-way, --train-shot" in err
+    )
+    code, _, err = run(["train", "--algo", "protonet", "--inner-lr", "0.1", "--out", str(tmp_path / "h3")], capsys)
+    assert code == 2 and "--inner-lr is not an option of protonet" in err  # once silently ignored
     code, _, err = run(["train", "--dataset", "omniglot", "--backbone", "koch", "--out", str(tmp_path / "i")], capsys)
     assert code == 2 and "koch backbone is an embedding network" in err
     code, _, err = run(["train", "--dataset", "omniglot", "--algo", "snail", "--train-shot", "5"], capsys)
-    assert code == 2 and "train_shot: SNAIL reads sequences of n_way * k_shot + 1" in err
+    assert code == 2 and "--train-shot is not an option of snail" in err and "snail reads no options of its own" in err
     code, _, err = run(["train", "--dataset", "omniglot", "--algo", "snail", "--zero-head"], capsys)
-    assert code == 2 and "zero_head is for the learners that adapt a head" in err and "not 'snail'" in err
+    assert (
+        code == 2
+        and "--zero-head is not an option of snail (it is for maml, fomaml, metasgd, reptile, metalstm)" in err
+    )
     code, _, err = run(["train", "--dataset", "omniglot", "--layers", "3", "--out", str(tmp_path / "k")], capsys)
-    assert code == 2 and "layers is the sinusoid MLP's number of hidden layers" in err and "omniglot" in err
+    assert code == 2 and "layers is a setting of sinusoid runs, not of omniglot ones" in err
     code, _, err = run(["train", "--algo", "metalstm", "--inner-lr", "1.5", "--out", str(tmp_path / "o")], capsys)
-    assert code == 2 and "inner_lr is the Meta-LSTM's first rate (its input gate), in (0, 1), got 1.5" in err
+    assert code == 2 and "inner_lr must be in (0, 1) (the Meta-LSTM's first rate is its input gate), got 1.5" in err
     code, _, err = run(["train", "--layers", "0", "--out", str(tmp_path / "l")], capsys)
-    assert code == 2 and "hidden layers, >= 1; got 0" in err
+    assert code == 2 and "layers must be >= 1, got 0" in err
+    code, _, err = run(["train", "--algo", "pretrain", "--inner-steps", "3", "--out", str(tmp_path / "p")], capsys)
+    assert code == 2 and err.startswith("error: --inner-steps is not an option of pretrain") and err.count("\n") == 1
+    assert not (tmp_path / "p").exists()
     for flag, value, text in (("--scale", "0", "scale must be > 0"), ("--fce", "0", "fce must be >= 1")):
         args = ["train", "--dataset", "omniglot", "--algo", "matching", flag, value, "--out", str(tmp_path / "m")]
         code, _, err = run(args, capsys)
@@ -197,7 +209,8 @@ def test_omniglot_run(tmp_path, capsys, algo):
     code, _, err = run(args, capsys)
     assert code == 0, err
     if algo == "matching":
-        assert torch.load(out / "best.pt", weights_only=False)["config"]["extra"] == {"fce": 2, "scale": 5.0}
+        options = torch.load(out / "best.pt", weights_only=False)["config"]["options"]
+        assert options == {"train_way": None, "train_shot": None, "fce": 2, "scale": 5.0}
     code, stdout, err = run(["eval", str(out / "best.pt"), "--episodes", "20", "--tasks-per-batch", "10"], capsys)
     assert code == 0, err
     adapted = {"maml": ", 3 inner steps", "reptile": ", 10 inner steps", "metalstm": ", 5 inner steps"}
@@ -317,7 +330,7 @@ def test_zero_head_keeps_the_head_at_zero_and_trains_the_body(tmp_path, algo):
     runs = {}
     for zero in (True, False):
         config = RunConfig.make(
-            "sinusoid", algo=algo, iterations=4, val_every=4, val_episodes=1, extra={"zero_head": True} if zero else {}
+            "sinusoid", algo=algo, iterations=4, val_every=4, val_episodes=1, zero_head=zero or None
         )
         torch.manual_seed(0)
         initial = training.build_model(config)[0].state_dict()
@@ -330,7 +343,7 @@ def test_zero_head_keeps_the_head_at_zero_and_trains_the_body(tmp_path, algo):
     initial, trained = runs[False][0], runs[False][1]["model"]
     assert not torch.equal(trained[pre + "head.weight"], initial[pre + "head.weight"])
     # evaluation adapts from the zero head: before any step the model is the zero function (MSE = mean y^2)
-    config = RunConfig.make("sinusoid", algo=algo, extra={"zero_head": True})
+    config = RunConfig.make("sinusoid", algo=algo, zero_head=True)
     model, aux = training.build_model(config)
     model.load_state_dict(runs[True][1]["model"])
     if aux is not None:

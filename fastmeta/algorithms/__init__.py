@@ -1,5 +1,6 @@
 """Meta-learning algorithms built on fastmeta's ops."""
 
+from fastmeta.algorithms.common import ClassificationOutput, Learner, Option, ProtoOutput
 from fastmeta.algorithms.maml import (
     LSLR,
     AdaptedModel,
@@ -11,12 +12,20 @@ from fastmeta.algorithms.maml import (
     msl_weights,
     task_losses,
 )
-from fastmeta.algorithms.matching import FullContextEmbedding, matching_log_probs, matching_step
-from fastmeta.algorithms.meta_lstm import MetaLSTM, meta_lstm_step
-from fastmeta.algorithms.protonet import ProtoOutput, protonet_logits, protonet_step
-from fastmeta.algorithms.reptile import ReptileOutput, reptile_step
-from fastmeta.algorithms.siamese import nearest_support_logits, siamese_step
-from fastmeta.algorithms.snail import SNAIL, snail_step
+from fastmeta.algorithms.maml_learners import FOMAML, MAML, METASGD, PRETRAIN
+from fastmeta.algorithms.matching import MATCHING, FullContextEmbedding, matching_log_probs, matching_step
+from fastmeta.algorithms.meta_lstm import META_LSTM, MetaLSTM, meta_lstm_step
+from fastmeta.algorithms.protonet import PROTONET, protonet_logits, protonet_step
+from fastmeta.algorithms.reptile import REPTILE, ReptileOutput, reptile_step
+from fastmeta.algorithms.siamese import SIAMESE, nearest_support_logits, siamese_step
+from fastmeta.algorithms.snail import SNAIL, SNAIL_LEARNER, snail_step
+
+# Every learner `python -m fastmeta train --algo NAME` knows, by name, in the order the help lists them. A new
+# learner: declare a Learner in its module (see README, "Adding a learner") and add it here.
+LEARNERS: dict[str, Learner] = {
+    learner.name: learner
+    for learner in (MAML, FOMAML, METASGD, REPTILE, PRETRAIN, META_LSTM, SNAIL_LEARNER, PROTONET, MATCHING, SIAMESE)
+}
 
 __all__ = [
     "maml_step",
@@ -24,6 +33,10 @@ __all__ = [
     "protonet_step",
     "protonet_logits",
     "ProtoOutput",
+    "ClassificationOutput",
+    "Learner",
+    "Option",
+    "LEARNERS",
     "matching_step",
     "matching_log_probs",
     "FullContextEmbedding",

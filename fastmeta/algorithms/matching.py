@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastmeta.algorithms.common import TRAIN_SHOT, TRAIN_WAY, Learner, Option
 from fastmeta.algorithms.protonet import ProtoOutput, check_episodes, classification_output, embed_episodes
 from fastmeta.data import TaskBatch
 
@@ -83,3 +84,36 @@ def matching_step(
     matching_log_probs; `logits` of the result are those log-probabilities."""
     # log-probabilities as logits: their cross-entropy is the negative log-likelihood
     return classification_output(matching_log_probs(model, batch, n_way, fce, scale, strategy), batch.query_y)
+
+
+def _build(config, backbone: nn.Module) -> tuple[nn.Module, nn.Module | None]:  # noqa: ANN001
+    fce = FullContextEmbedding(backbone.embedding_size, steps=config.fce) if config.fce else None
+    return backbone, fce
+
+
+def _objective(config, model: nn.Module, fce: nn.Module | None, batch: TaskBatch) -> ProtoOutput:  # noqa: ANN001
+    return matching_step(model, batch, config.train_way or config.n_way, fce=fce, scale=config.scale)
+
+
+def _predict(config, model: nn.Module, fce: nn.Module | None, batch: TaskBatch, inner_steps: int) -> Tensor:  # noqa: ANN001
+    with torch.no_grad():
+        return matching_log_probs(model, batch, config.n_way, fce, config.scale)
+
+
+MATCHING = Learner(
+    name="matching",
+    summary="matching networks: attention over the support set by cosine similarity",
+    options=(
+        TRAIN_WAY,
+        TRAIN_SHOT,
+        Option("fce", int, "full-context embeddings, with this many attention steps", valid=lambda v: v >= 1,
+               bound=">= 1", metavar="STEPS"),
+        Option("scale", float, "cosine similarities times this before the softmax (Vinyals et al.: 1)", default=1.0,
+               valid=lambda v: v > 0, bound="> 0"),
+    ),
+    objective=_objective,
+    predict=_predict,
+    build=_build,
+    head=False,
+    tasks=("classification",),
+)  # fmt: skip

@@ -19,7 +19,18 @@ from torch import Tensor, nn
 
 from fastmeta import ops
 from fastmeta.algorithms._batched import runner, tasks_first
-from fastmeta.algorithms.maml import MAMLOutput, _accuracy, _per_task_weights, task_losses
+from fastmeta.algorithms.common import (
+    EVAL_INNER_STEPS,
+    INNER_LR,
+    INNER_STEPS,
+    TRAIN_SHOT,
+    ZERO_HEAD,
+    Learner,
+    zero_head,
+)
+from fastmeta.algorithms.common import per_task_fast_weights as _per_task_weights
+from fastmeta.algorithms.common import query_accuracy as _accuracy
+from fastmeta.algorithms.maml import MAMLOutput, task_losses
 from fastmeta.data import TaskBatch
 
 __all__ = ["MetaLSTM", "preprocess", "meta_lstm_step"]
@@ -133,3 +144,52 @@ def meta_lstm_step(
     pred = meta.predict(fast, batch.query_x, strategy)
     losses = task_losses(loss_fn, pred, batch.query_y)
     return MAMLOutput(losses.mean(), losses, _accuracy(pred, batch.query_y), support_losses, pred.detach(), fast)
+
+
+def _build(config, backbone: nn.Module) -> tuple[nn.Module, nn.Module | None]:  # noqa: ANN001
+    """The learner inside its meta-learner: one module, one state dict."""
+    model = MetaLSTM(backbone, hidden=20, init_lr=config.inner_lr)
+    if config.zero_head:
+        zero_head(model.learner)
+    return model, None
+
+
+def _predict(config, model: MetaLSTM, aux: nn.Module | None, batch: TaskBatch, inner_steps: int) -> Tensor:  # noqa: ANN001
+    with torch.no_grad():  # the inner gradients are still taken; no graph is kept across the steps
+        fast = model.adapt(batch.support_x, batch.support_y, inner_steps, config.loss_fn)[0]
+        return model.predict(fast, batch.query_x)
+
+
+def _clip(config, params: list[Tensor]) -> None:  # noqa: ANN001
+    torch.nn.utils.clip_grad_norm_(params, 0.25)  # Ravi & Larochelle clip the meta-gradient's norm to 0.25
+
+
+def _zero_head_after_step(config, model: MetaLSTM) -> None:  # noqa: ANN001
+    if config.zero_head:
+        zero_head(model.learner)  # its learner's head: the head's part of the initial cell state theta_0
+
+
+# It reads T * P coordinates (P = 112k for a Conv4) through its LSTM at every update, so it takes fewer tasks per
+# step on images, and the paper's 5 updates; its inner_lr is the input gate's initial value, the learned rate.
+META_LSTM = Learner(
+    name="metalstm",
+    summary="Ravi & Larochelle's LSTM meta-learner: its input and forget gates are the per-task, per-element "
+    "rate and decay of fastmeta.ops.fast_weight_update; --inner-steps updates",
+    options=(
+        INNER_LR.but(
+            help="the input gate's initial value, the first updates' rate (the paper's 0.011: b_i in [-5, -4])",
+            default=0.011, per_dataset={}, valid=lambda v: 0 < v < 1,
+            bound="in (0, 1) (the Meta-LSTM's first rate is its input gate)",
+        ),
+        INNER_STEPS.but(default=5, per_dataset={"sinusoid": 1}),
+        EVAL_INNER_STEPS.but(default=5, per_dataset={"sinusoid": 1}),
+        TRAIN_SHOT,
+        ZERO_HEAD,
+    ),
+    objective=lambda config, model, aux, batch: meta_lstm_step(model, batch, config.inner_steps, config.loss_fn),
+    predict=_predict,
+    build=_build,
+    defaults={"omniglot": {"meta_batch": 8}},
+    after_backward=_clip,
+    after_step=_zero_head_after_step,
+)  # fmt: skip

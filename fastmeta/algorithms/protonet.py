@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastmeta.algorithms._batched import runner, tasks_first
+from fastmeta.algorithms.common import TRAIN_SHOT, TRAIN_WAY, Learner, ProtoOutput, classification_output
 from fastmeta.data import TaskBatch
 
 __all__ = ["ProtoOutput", "protonet_step", "protonet_logits", "class_prototypes", "squared_distances", "embed"]
-
-
-@dataclass
-class ProtoOutput:
-    """What protonet_step computed for T tasks.
-
-    loss: mean query cross-entropy over the tasks (0-d, differentiable). task_losses: (T,), differentiable.
-    accuracy: (T,) query accuracy. logits: (T, Nq, n_way) negative squared distances to the prototypes.
-    """
-
-    loss: Tensor
-    task_losses: Tensor
-    accuracy: Tensor
-    logits: Tensor
 
 
 def check_episodes(batch: TaskBatch, who: str, n_way: int | None) -> int:
@@ -40,17 +25,6 @@ def check_episodes(batch: TaskBatch, who: str, n_way: int | None) -> int:
     if n_way is None:
         return int(batch.support_y.max()) + 1 if batch.support_y.numel() else 0
     return n_way
-
-
-def classification_output(logits: Tensor, query_y: Tensor, losses: Tensor | None = None) -> ProtoOutput:
-    """The ProtoOutput of query logits (T, Nq, C) against query_y (T, Nq): per-task mean cross-entropy (or the
-    given per-task `losses`), their mean, accuracy, and the detached logits."""
-    T, Nq, C = logits.shape
-    if losses is None:
-        per_example = F.cross_entropy(logits.reshape(T * Nq, C), query_y.reshape(-1).long(), reduction="none")
-        losses = per_example.view(T, Nq).mean(1)
-    accuracy = (logits.detach().argmax(-1) == query_y).float().mean(1)
-    return ProtoOutput(losses.mean(), losses, accuracy, logits.detach())
 
 
 def embed(model: nn.Module, x: Tensor, strategy: str = "auto") -> Tensor:
@@ -109,3 +83,20 @@ def protonet_step(model: nn.Module, batch: TaskBatch, n_way: int | None = None, 
     """The prototypical-network loss of T tasks: cross-entropy of the query logits (protonet_logits) against
     query_y; backward and an optimiser step train the embedding `model`."""
     return classification_output(protonet_logits(model, batch, n_way, strategy), batch.query_y)
+
+
+def _predict(config, model: nn.Module, aux: nn.Module | None, batch: TaskBatch, inner_steps: int) -> Tensor:  # noqa: ANN001
+    with torch.no_grad():
+        return protonet_logits(model, batch, config.n_way)
+
+
+PROTONET = Learner(
+    name="protonet",
+    summary="prototypical networks: a Conv4 embedding, queries classified by the nearest class mean "
+    "(--train-way 60 trains on wider episodes than it tests, as Snell et al.)",
+    options=(TRAIN_WAY, TRAIN_SHOT),
+    objective=lambda config, model, aux, batch: protonet_step(model, batch, config.train_way or config.n_way),
+    predict=_predict,
+    head=False,
+    tasks=("classification",),
+)

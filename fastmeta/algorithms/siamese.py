@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmeta import ops
+from fastmeta.algorithms.common import TRAIN_SHOT, TRAIN_WAY, Learner, Option
 from fastmeta.algorithms.protonet import ProtoOutput, check_episodes, classification_output, embed, squared_distances
 from fastmeta.data import TaskBatch
 
@@ -59,3 +60,30 @@ def siamese_step(
         losses = ops.contrastive_loss(x1, x2, same.reshape(-1), margin, reduction="none").view(T, Nq * Ns).mean(1)
     logits = nearest_support_logits(support.detach(), batch.support_y, query.detach(), n_way)
     return classification_output(logits, batch.query_y, losses)
+
+
+def _objective(config, model: nn.Module, aux: nn.Module | None, batch: TaskBatch) -> ProtoOutput:  # noqa: ANN001
+    return siamese_step(model, batch, config.margin, config.pairs, config.train_way or config.n_way)
+
+
+def _predict(config, model: nn.Module, aux: nn.Module | None, batch: TaskBatch, inner_steps: int) -> Tensor:  # noqa: ANN001
+    with torch.no_grad():
+        return siamese_step(model, batch, config.margin, config.pairs, config.n_way).logits
+
+
+SIAMESE = Learner(
+    name="siamese",
+    summary="Siamese networks: a contrastive loss through fastmeta.ops, queries classified by the nearest "
+    "support embedding (--backbone koch --image-size 105: Koch et al.'s network)",
+    options=(
+        TRAIN_WAY,
+        TRAIN_SHOT,
+        Option("margin", float, "contrastive margin", default=1.0, valid=lambda v: v > 0, bound="> 0"),
+        Option("pairs", str, "every pair of an episode (all_pairs) or each query with each support example (pairs)",
+               default="all_pairs", choices=("all_pairs", "pairs")),
+    ),
+    objective=_objective,
+    predict=_predict,
+    head=False,
+    tasks=("classification",),
+)  # fmt: skip

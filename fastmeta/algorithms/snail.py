@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastmeta.algorithms.common import Learner
 from fastmeta.algorithms.protonet import ProtoOutput, check_episodes, classification_output, embed_episodes
 from fastmeta.data import TaskBatch
 
@@ -111,3 +112,24 @@ class SNAIL(nn.Module):
 def snail_step(model: SNAIL, batch: TaskBatch, strategy: str = "auto") -> ProtoOutput:
     """The SNAIL loss of T tasks: cross-entropy of each query's prediction at the end of its sequence."""
     return classification_output(model(batch, strategy), batch.query_y)
+
+
+def _predict(config, model: SNAIL, aux: nn.Module | None, batch: TaskBatch, inner_steps: int) -> Tensor:  # noqa: ANN001
+    with torch.no_grad():
+        return model(batch)
+
+
+SNAIL_LEARNER = Learner(
+    name="snail",
+    summary="SNAIL: temporal convolutions and causal attention over the sequence of (image, label) support "
+    "pairs, then the query",
+    objective=lambda config, model, aux, batch: snail_step(model, batch),
+    predict=_predict,
+    build=lambda config, backbone: (SNAIL(config.n_way, config.k_shot, backbone, backbone.embedding_size), None),
+    head=False,
+    tasks=("classification",),
+    built_for={
+        "n_way": "its output layer has n_way logits",
+        "k_shot": "its sequence of support pairs has a fixed length (so it also trains on the k_shot it tests)",
+    },
+)

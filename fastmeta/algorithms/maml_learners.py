@@ -1,0 +1,105 @@
+"""The declarations of MAML (second order), first-order MAML, Meta-SGD and the joint-training baseline: how
+fastmeta.train builds, trains and tests each (the algorithm itself is in fastmeta.algorithms.maml)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastmeta.algorithms.common import (
+    EVAL_INNER_STEPS,
+    INNER_LR,
+    INNER_STEPS,
+    TRAIN_SHOT,
+    ZERO_HEAD,
+    Learner,
+    Settings,
+    zero_head,
+    zero_head_after_step,
+)
+from fastmeta.algorithms.maml import MAMLOutput, MetaSGDLR, adapt, maml_step
+from fastmeta.data import TaskBatch
+
+__all__ = ["MAML", "FOMAML", "METASGD", "PRETRAIN", "GRADIENT_OPTIONS", "predict_by_adapting", "build_with_head"]
+
+# What a learner that adapts a network with a head by gradient steps reads.
+GRADIENT_OPTIONS = (INNER_LR, INNER_STEPS, EVAL_INNER_STEPS, TRAIN_SHOT, ZERO_HEAD)
+
+
+def _inner_lr(config: Settings, aux: nn.Module | None) -> float | nn.Module:
+    """Meta-SGD's learned rates where the run has them, else the fixed inner_lr."""
+    return config.inner_lr if aux is None else aux
+
+
+def predict_by_adapting(
+    config: Settings, model: nn.Module, aux: nn.Module | None, batch: TaskBatch, inner_steps: int
+) -> Tensor:
+    """Query predictions after `inner_steps` gradient steps on each task's support set."""
+    adapted = adapt(model, batch.support_x, batch.support_y, _inner_lr(config, aux), inner_steps, config.loss_fn)
+    with torch.no_grad():
+        return adapted(batch.query_x)
+
+
+def build_with_head(config: Settings, backbone: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """The backbone as it is, its head zeroed under --zero-head."""
+    if config.zero_head:
+        zero_head(backbone)
+    return backbone, None
+
+
+def _maml(first_order: bool):  # noqa: ANN202
+    def objective(config: Settings, model: nn.Module, aux: nn.Module | None, batch: TaskBatch) -> MAMLOutput:
+        return maml_step(model, batch, _inner_lr(config, aux), config.inner_steps, first_order, config.loss_fn)
+
+    return objective
+
+
+def _build_metasgd(config: Settings, backbone: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    model, _ = build_with_head(config, backbone)
+    return model, MetaSGDLR(model, init=config.inner_lr)
+
+
+def _pretrain(config: Settings, model: nn.Module, aux: nn.Module | None, batch: TaskBatch) -> MAMLOutput:
+    """Joint training on every point of every task, no adaptation (Finn et al.'s baseline)."""
+    x = torch.cat([batch.support_x, batch.query_x], 1)
+    y = torch.cat([batch.support_y, batch.query_y], 1)
+    every_point = type(batch)(batch.support_x, batch.support_y, x, y)
+    return maml_step(model, every_point, config.inner_lr, 0, False, config.loss_fn)
+
+
+MAML = Learner(
+    name="maml",
+    summary="MAML (Finn et al. 2017), second order",
+    options=GRADIENT_OPTIONS,
+    objective=_maml(first_order=False),
+    predict=predict_by_adapting,
+    build=build_with_head,
+    after_step=zero_head_after_step,
+)
+FOMAML = Learner(
+    name="fomaml",
+    summary="first-order MAML",
+    options=GRADIENT_OPTIONS,
+    objective=_maml(first_order=True),
+    predict=predict_by_adapting,
+    build=build_with_head,
+    after_step=zero_head_after_step,
+)
+METASGD = Learner(
+    name="metasgd",
+    summary="Meta-SGD (Li et al. 2017): learned per-element inner rates, starting at --inner-lr",
+    options=GRADIENT_OPTIONS,
+    objective=_maml(first_order=False),
+    predict=predict_by_adapting,
+    build=_build_metasgd,
+    after_step=zero_head_after_step,
+)
+PRETRAIN = Learner(
+    name="pretrain",
+    summary="the joint-training baseline (regression): trained on all tasks' points at once, fine-tuned by "
+    "--eval-inner-steps steps at test",
+    options=(INNER_LR, EVAL_INNER_STEPS),
+    objective=_pretrain,
+    predict=predict_by_adapting,
+    tasks=("regression",),
+)
