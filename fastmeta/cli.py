@@ -97,10 +97,11 @@ def _default_out(config: object, resume: bool) -> str:
     classes = "n_way" in DATASETS[config.dataset].reads
     base = f"runs/{config.algo}-{config.dataset}" + (f"-{config.n_way}way{config.k_shot}shot" if classes else "")
     names = [base] + [f"{base}-{i}" for i in range(2, 1000)]
-    existing = [n for n in names if os.path.exists(n)]
+    # an empty folder (left by a run that failed before fastmeta made them lazily) is free to reuse
+    existing = [n for n in names if os.path.exists(n) and not (os.path.isdir(n) and not os.listdir(n))]
     if resume:
         return existing[-1] if existing else base
-    return next(n for n in names if not os.path.exists(n))
+    return next(n for n in names if n not in existing)
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -321,7 +322,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, AttributeError, ImportError) as e:
+        # torch.load's own words for a truncated zip ("Invalid argument") or a foreign pickle say nothing useful
+        raise ValueError(
+            f"{path} is not a readable fastmeta checkpoint ({type(e).__name__}: {e}): truncated, corrupt or not "
+            "written by fastmeta train; a run folder's other checkpoint (checkpoint.pt or best.pt) may be intact"
+        ) from None
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise ValueError(f"{path} is not a fastmeta checkpoint (no config and model state)")
     return state
@@ -443,8 +451,7 @@ def train(
     if plot:
         _matplotlib()  # fail now, not after the first stretch of training
     out = Path(out)
-    ckpt_path = out / "checkpoint.pt"
-    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"  # the folder is made at the first checkpoint: a run that fails before leaves none
     if not resume and ckpt_path.exists():
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
     torch.manual_seed(config.seed)
@@ -513,6 +520,10 @@ def train(
         info = _step(config, model, aux, opt, train_set[it].to(device), share, stop=late)
         timed_out = info.pop("stop")
         it += 1
+        if not math.isfinite(info["loss"]):  # the loss is summed over the processes: every one stops here
+            if progress is not None:
+                progress.close()
+            raise Diverged(_diverged(config, it, "training loss", info["loss"], ckpt_path, history))
         if not lead:
             if timed_out:
                 break
@@ -522,10 +533,14 @@ def train(
             v = evaluate_model(model, aux, config, val_set, config.val_episodes, config.get("eval_inner_steps", 0))
             result = {"iteration": it, "seconds": time.time() - tic, "train_loss": info["loss"], "val": v["mean"]}
             result["val_ci95"] = v["ci95"]
+            if not math.isfinite(v["mean"]):
+                progress.close()
+                raise Diverged(_diverged(config, it, f"validation {v['metric']}", v["mean"], ckpt_path, history))
             history.append(result)
             better = best is None or (v["mean"] < best if v["metric"] == "mse" else v["mean"] > best)
             best = v["mean"] if better else best
             progress.write(f"iteration {it}: validation {v['metric']} {v['mean']:.4f} +- {v['ci95']:.4f}")
+            out.mkdir(parents=True, exist_ok=True)
             with open(out / "history.jsonl", "a") as f:
                 f.write(json.dumps(result) + "\n")
             checkpoint(it)
@@ -537,6 +552,25 @@ def train(
     if progress is not None:
         progress.close()
     return result
+
+
+class Diverged(ValueError):
+    """The training loss (or validation score) became NaN or infinite: the run stopped without saving."""
+
+
+def _diverged(config: RunConfig, it: int, what: str, value: float, ckpt_path: Path, history: list[dict]) -> str:
+    kept = (
+        f"{ckpt_path} (iteration {history[-1]['iteration']}) and best.pt are kept as they were"
+        if history
+        else "nothing was saved"
+    )
+    rates = [f"--meta-lr (now {config.meta_lr:g})"]
+    if "inner_lr" in config.options:
+        rates.append(f"--inner-lr (now {config.inner_lr:g})")
+    return (
+        f"the {what} became {value} at iteration {it} of {config.iterations}; stopped: {kept}. Try a smaller "
+        f"{' or '.join(rates)} in a new run, or --schedule cosine"
+    )
 
 
 def _load_states(state: dict, model: nn.Module, aux: nn.Module | None, opt, path: Path) -> None:  # noqa: ANN001

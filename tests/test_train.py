@@ -388,6 +388,86 @@ def test_layers_sets_the_sinusoid_mlp_depth(tmp_path, capsys):
     assert code == 0 and "mse" in out.lower()
 
 
+def test_eval_says_which_file_is_not_a_readable_checkpoint(tmp_path, capsys):
+    """A truncated checkpoint, a text file and an empty one: one line naming the file, not a traceback."""
+    good = (Path(__file__).parent / "fixtures" / "checkpoints" / "maml-sinusoid.pt").read_bytes()
+    for name, content in (("truncated.pt", good[:5000]), ("notes.pt", b"hello\n"), ("empty.pt", b"")):
+        (tmp_path / name).write_bytes(content)
+        code, _, err = run(["eval", str(tmp_path / name)], capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"{tmp_path / name} is not a readable fastmeta checkpoint" in err
+    code, _, err = run(["train", "--out", str(tmp_path / "r"), "--resume", "--iterations", "2"], capsys)
+    assert code == 2 and "no checkpoint at" in err  # --resume of nothing
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "checkpoint.pt").write_bytes(good[:5000])
+    code, _, err = run(["train", "--out", str(tmp_path / "r"), "--resume", "--iterations", "2"], capsys)
+    assert code == 2 and "checkpoint.pt is not a readable fastmeta checkpoint" in err
+
+
+def test_corrupt_omniglot_zip_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FASTMETA_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "omniglot"
+    data.mkdir()
+    for name in ("images_background.zip", "images_evaluation.zip"):
+        (data / name).write_bytes(b"PK\x03\x04 half a download")
+    out = tmp_path / "run"
+    code, _, err = run(["train", "--dataset", "omniglot", "--data", str(data), "--out", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{data / 'images_background.zip'} is not a readable zip file" in err and "download it again" in err
+    assert not out.exists()  # a run that fails before its first step leaves no folder
+
+
+@pytest.mark.parametrize(
+    "flag, value, text",
+    [
+        ("--inner-lr", "nan", "inner_lr must be a finite number, got nan"),
+        ("--inner-lr", "inf", "inner_lr must be a finite number, got inf"),
+        ("--inner-lr", "-0.1", "inner_lr must be >= 0, got -0.1"),
+        ("--meta-lr", "-1e-3", "meta_lr must be > 0, got -0.001"),
+        ("--meta-lr", "nan", "meta_lr must be a finite number, got nan"),
+    ],
+)
+def test_non_finite_or_negative_rates_are_refused(tmp_path, capsys, flag, value, text):
+    code, _, err = run(["train", f"{flag}={value}", "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and text in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_run_stops_and_keeps_its_checkpoints(tmp_path, capsys, monkeypatch):
+    """When the training loss becomes NaN the run stops at that step, says so and what to try, and leaves the
+    last checkpoint and best.pt as they were."""
+    real, calls = training._step, []
+
+    def diverging(*args, **kwargs):
+        info = real(*args, **kwargs)
+        calls.append(1)
+        return {**info, "loss": math.nan} if len(calls) == 15 else info
+
+    monkeypatch.setattr(training, "_step", diverging)
+    out = tmp_path / "run"
+    code, _, err = run(
+        ["train", "--out", str(out), "--iterations", "20", "--val-every", "10", "--val-episodes", "1"], capsys
+    )
+    assert code == 2 and err.splitlines()[-1].startswith("error: the training loss became nan at iteration 15 of 20")
+    assert err.count("error") == 1 and "Try a smaller --meta-lr" in err  # above it: the progress bar
+    assert f"{out / 'checkpoint.pt'} (iteration 10) and best.pt are kept" in err and "--inner-lr (now 0.01)" in err
+    for name in ("checkpoint.pt", "best.pt"):
+        assert torch.load(out / name, weights_only=False)["iteration"] == 10
+    assert len((out / "history.jsonl").read_text().splitlines()) == 1
+
+
+def test_failed_runs_leave_no_folder_and_empty_ones_are_reused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["train", "--dataset", "omniglot"], capsys)
+    assert code == 2 and "omniglot needs --data PATH" in err
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs" / "maml-sinusoid").mkdir(parents=True)  # left by an older fastmeta
+    assert main(["train", "--iterations", "2", "--val-every", "2", "--val-episodes", "1"]) == 0
+    assert (tmp_path / "runs/maml-sinusoid/checkpoint.pt").is_file() and not (
+        tmp_path / "runs/maml-sinusoid-2"
+    ).exists()
+
+
 @pytest.mark.parametrize("name", ["maml-sinusoid", "metasgd-sinusoid", "metalstm-sinusoid", "protonet-omniglot"])
 def test_checkpoints_of_earlier_versions_still_evaluate(name, capsys):
     """Checkpoints written before the learner declarations (tests/fixtures/checkpoints) load and test the same."""

@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,11 +102,19 @@ def _characters(kind: str, base: Path, s: str) -> dict[str, list[bytes]]:
         for png in (base / s).glob("*/*/*.png"):
             chars.setdefault(f"{png.parent.parent.name}/{png.parent.name}", []).append((png.name, png.read_bytes()))
     else:
-        with zipfile.ZipFile(base / f"{s}.zip") as z:
-            for info in z.infolist():
-                parts = info.filename.split("/")
-                if len(parts) == 4 and parts[3].endswith(".png"):
-                    chars.setdefault(f"{parts[1]}/{parts[2]}", []).append((parts[3], z.read(info)))
+        path = base / f"{s}.zip"
+        try:
+            with zipfile.ZipFile(path) as z:
+                for info in z.infolist():
+                    parts = info.filename.split("/")
+                    if len(parts) == 4 and parts[3].endswith(".png"):
+                        chars.setdefault(f"{parts[1]}/{parts[2]}", []).append((parts[3], z.read(info)))
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a truncated download, or not a zip at all
+            raise ValueError(
+                f"{path} is not a readable zip file ({e}): download it again from github.com/brendenlake/omniglot "
+                f"(python/{s}.zip), or get the extracted folders with torchvision.datasets.Omniglot('{base}', "
+                "download=True)"
+            ) from None
     return {k: [b for _, b in sorted(v)] for k, v in chars.items()}
 
 
