@@ -2,8 +2,13 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
+from torch.testing import assert_close
 
+import fastmeta
+from fastmeta.algorithms import _batched
 from fastmeta.models import DropBlock, ResNet12, from_config
 
 D64 = torch.float64
@@ -42,3 +47,268 @@ def test_dropblock():
     assert sum(isinstance(m, DropBlock) for m in model.modules()) == 2
     assert sum(isinstance(m, nn.Dropout) for m in model.modules()) == 2
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
+# ---- the traced runner against a plain per-task loop, float64 -------------------------------------------------
+
+
+def loop_meta_loss(model, batch, lr, steps, first_order, adapted=None):
+    """The definition: per task, `steps` steps of autograd.grad on the support loss and a subtraction, then the
+    query loss; their mean over tasks. lr: a number, or lr(step) -> {name: rate} (Meta-SGD, LSLR)."""
+    params = dict(model.named_parameters())
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    adapted = list(params) if adapted is None else adapted
+    total = 0
+    for t in range(batch.num_tasks):
+        fast = {n: params[n] for n in adapted}
+
+        def f(x, fast):
+            return functional_call(model, ({**params, **fast}, buffers), (x,))
+
+        for s in range(steps):
+            loss = F.cross_entropy(f(batch.support_x[t], fast), batch.support_y[t])
+            g = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+            rates = lr(s) if callable(lr) else dict.fromkeys(adapted, lr)
+            fast = {n: fast[n] - rates[n] * (gi.detach() if first_order else gi) for n, gi in zip(adapted, g)}
+        total = total + F.cross_entropy(f(batch.query_x[t], fast), batch.query_y[t]) / batch.num_tasks
+    return total
+
+
+def grads_of(loss, tensors):
+    return torch.autograd.grad(loss, tensors, allow_unused=True, materialize_grads=True)
+
+
+def assert_grads_close(got, want, rtol=1e-9):
+    """Each gradient within rtol of the largest entry of all of them (a conv bias before a norm has a gradient
+    of ~0: rounding noise, which a per-tensor relative test would compare)."""
+    scale = max(w.abs().max().item() for w in want)
+    assert scale > 0
+    for g, w in zip(got, want):
+        assert_close(g, w, rtol=rtol, atol=rtol * scale)
+
+
+def batch_of(shape, T=2, n_way=3, shots=1, queries=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sx = torch.randn(T, n_way * shots, *shape, dtype=D64, generator=g)
+    qx = torch.randn(T, n_way * queries, *shape, dtype=D64, generator=g)
+    sy = torch.arange(n_way).repeat_interleave(shots).repeat(T, 1)
+    qy = torch.arange(n_way).repeat_interleave(queries).repeat(T, 1)
+    return fastmeta.TaskBatch(sx, sy, qx, qy)
+
+
+def mixed_norm_signs(model):
+    """Norm scales of both signs (max-pooling commutes with a negative scale only through a sign trick)."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm)):
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g, dtype=D64) * 3 - 1.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g, dtype=D64) - 0.5)
+    return model
+
+
+class FunctionalNet(nn.Module):
+    """A forward of functional calls with a skip connection: F.relu, F.leaky_relu, +, *, torch.cat, a learned
+    scale read as an attribute, BatchNorm2d -> F.relu -> MaxPool2d, GroupNorm, mean, view, tanh."""
+
+    def __init__(self, n_way=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4, track_running_stats=False)
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 8).view(1, 8, 1, 1))
+        self.gn = nn.GroupNorm(2, 8)
+        self.fc = nn.Linear(8, n_way)
+
+    def forward(self, x):
+        h = self.pool(F.relu(self.bn(self.conv1(x))))
+        skip = F.leaky_relu(self.conv2(h), 0.2) + h
+        h = torch.cat([h, skip * 0.5], dim=1) * self.scale
+        h = F.max_pool2d(self.gn(h), 2)
+        h = h.mean((2, 3))
+        return self.fc(torch.tanh(h.view(h.size(0), -1)))
+
+
+def resnet12():
+    return mixed_norm_signs(ResNet12(3, in_channels=1, widths=(2, 3, 4, 5), image_size=16).to(D64))
+
+
+def net1d():
+    """Conv1d, BatchNorm1d -> ReLU -> MaxPool1d (fused), GroupNorm, LeakyReLU -> MaxPool1d, Flatten, Linear,
+    LayerNorm, Tanh."""
+    return mixed_norm_signs(
+        nn.Sequential(
+            nn.Conv1d(1, 3, 3, padding=1), nn.BatchNorm1d(3, track_running_stats=False), nn.ReLU(), nn.MaxPool1d(2),
+            nn.Conv1d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.LeakyReLU(0.1), nn.MaxPool1d(2),
+            nn.Flatten(), nn.Linear(16, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3),
+        ).to(D64)
+    )  # fmt: skip
+
+
+def net3d():
+    """Conv3d, BatchNorm3d -> ReLU -> MaxPool3d (fused), Flatten, Linear, BatchNorm1d, ReLU, Linear."""
+    return mixed_norm_signs(
+        nn.Sequential(
+            nn.Conv3d(1, 2, 3, padding=1), nn.BatchNorm3d(2, track_running_stats=False), nn.ReLU(), nn.MaxPool3d(2),
+            nn.Flatten(), nn.Linear(16, 5), nn.BatchNorm1d(5, track_running_stats=False), nn.ReLU(), nn.Linear(5, 3),
+        ).to(D64)
+    )  # fmt: skip
+
+
+MODELS = {
+    "resnet12": (resnet12, (1, 16, 16)),
+    "functional": (lambda: mixed_norm_signs(FunctionalNet().to(D64)), (1, 8, 8)),
+    "1d": (net1d, (1, 16)),
+    "3d": (net3d, (1, 4, 4, 4)),
+}
+
+
+@pytest.fixture(params=["grouped", "per-task"])
+def layout(request, monkeypatch):
+    """Convolutions of all tasks as one grouped convolution, or per task (channels-last on the CPU)."""
+    monkeypatch.setattr(_batched, "GROUPED_MAX_EXAMPLES", 10**9 if request.param == "grouped" else 0)
+    return request.param
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+@pytest.mark.parametrize("first_order", [False, True], ids=["2nd", "1st"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_meta_gradient_matches_loop(name, first_order, steps, layout):
+    make, shape = MODELS[name]
+    model, batch = make(), batch_of(shape)
+    assert isinstance(_batched.runner(model, "batched"), _batched.TracedModel)
+    params = list(model.parameters())
+    out = fastmeta.maml_step(model, batch, 0.3, steps, first_order, strategy="batched")
+    want = loop_meta_loss(model, batch, 0.3, steps, first_order)
+    assert_close(out.loss, want, rtol=1e-10, atol=0)
+    assert_grads_close(grads_of(out.loss, params), grads_of(want, params))
+
+
+@pytest.mark.parametrize("kind", ["metasgd", "lslr"])
+@pytest.mark.parametrize("name", ["resnet12", "functional"])
+def test_learned_learning_rates(name, kind, layout):
+    make, shape = MODELS[name]
+    model, batch = make(), batch_of(shape)
+    names = [n for n, _ in model.named_parameters()]
+    if kind == "metasgd":
+        lrs = fastmeta.MetaSGDLR(model, init=0.2)
+        with torch.no_grad():
+            for p in lrs.parameters():
+                p.uniform_(0.1, 0.3)
+        rates = lambda s: dict(zip(names, lrs.lrs))  # noqa: E731
+    else:
+        lrs = fastmeta.LSLR(model, inner_steps=2, init=0.2).to(D64)
+        with torch.no_grad():
+            lrs.lrs.uniform_(0.1, 0.3)
+        rates = lambda s: dict(zip(names, lrs.lrs[s]))  # noqa: E731
+    tensors = list(model.parameters()) + list(lrs.parameters())
+    out = fastmeta.maml_step(model, batch, lrs, 2, strategy="batched")
+    want = loop_meta_loss(model, batch, rates, 2, False)
+    assert_close(out.loss, want, rtol=1e-10, atol=0)
+    assert_grads_close(grads_of(out.loss, tensors), grads_of(want, tensors))
+
+
+def test_tasks_stay_apart(layout):
+    """Task 0's losses, predictions and fast weights do not change, bit for bit, when task 1's data (and so its
+    weights and batch statistics) change."""
+    model, batch = resnet12(), batch_of((1, 16, 16), T=3)
+    other = fastmeta.TaskBatch(batch.support_x.clone(), batch.support_y, batch.query_x.clone(), batch.query_y)
+    other.support_x[1] = other.support_x[1] * 3 + 1
+    other.query_x[1] = other.query_x[1] * -2 + 0.5
+    a = fastmeta.maml_step(model, batch, 0.3, 2, strategy="batched")
+    b = fastmeta.maml_step(model, other, 0.3, 2, strategy="batched")
+    assert a.task_losses[1] != b.task_losses[1]
+    for t in (0, 2):
+        assert torch.equal(a.task_losses[t], b.task_losses[t])
+        assert torch.equal(a.predictions[t], b.predictions[t])
+        assert all(torch.equal(a.fast_weights[n][t], b.fast_weights[n][t]) for n in a.fast_weights)
+    # Per-task weights: changing task 1's weights leaves the other tasks' outputs as they were.
+    run = _batched.runner(model, "batched")
+    params = {n: f.detach().clone() for n, f in a.fast_weights.items()}
+    y = _batched.tasks_first(run(params, batch.query_x))
+    params["features.block1.conv1.weight"][1] += 0.5
+    params["features.block2.bn2.weight"][1] *= -1
+    z = _batched.tasks_first(run(params, batch.query_x))
+    assert not torch.equal(y[1], z[1]) and torch.equal(y[0], z[0]) and torch.equal(y[2], z[2])
+
+
+def test_split_is_a_cut_point():
+    """ANIL: the body before the first adapted parameter runs once, and restarting there gives the same."""
+    for make, shape in MODELS.values():
+        model, batch = make(), batch_of(shape)
+        run = _batched.runner(model, "batched")
+        head = {n for n, _ in model.named_parameters()}.intersection(list(dict(model.named_parameters()))[-2:])
+        k = run.split(head)
+        assert 0 < k < len(run.layers) and run.split(set(dict(model.named_parameters()))) == 0
+        p = dict(model.named_parameters())
+        whole = _batched.tasks_first(run(p, batch.query_x))
+        assert torch.equal(_batched.tasks_first(run(p, run(p, batch.query_x, 0, k), k)), whole)
+    run = _batched.runner(resnet12(), "batched")
+    assert run.split({"head.weight", "head.bias"}) == len(run.layers) - 1
+    # Inside a residual block two values are live (the block's input and the main path): no cut there.
+    assert run.split({"features.block1.conv2.weight"}) == 0
+    model, batch = net1d(), batch_of((1, 16))  # ANIL's meta-gradient, the body run once
+    out = fastmeta.maml_step(model, batch, 0.3, 2, adapt_params=["12"], strategy="batched")
+    want = loop_meta_loss(model, batch, 0.3, 2, False, adapted=["12.weight", "12.bias"])
+    assert_grads_close(grads_of(out.loss, list(model.parameters())), grads_of(want, list(model.parameters())))
+
+
+def test_dropblock_resnet12_runs_batched():
+    model = ResNet12(3, in_channels=1, widths=(2, 3, 4, 5), image_size=32, drop_rate=0.2).to(D64)
+    batch = batch_of((1, 32, 32))
+    assert isinstance(_batched.runner(model, "batched"), _batched.TracedModel)
+    out = fastmeta.maml_step(model, batch, 0.3, 1, strategy="batched")
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.predictions.shape == (2, 6, 3)
+    model.eval()  # no dropping: the loop's result exactly (and the mode change is traced again)
+    params = list(model.parameters())
+    out = fastmeta.maml_step(model, batch, 0.3, 1, strategy="batched")
+    want = loop_meta_loss(model, batch, 0.3, 1, False)
+    assert_grads_close(grads_of(out.loss, params), grads_of(want, params))
+
+
+class DataDependent(nn.Module):
+    """Python control flow on a tensor's value: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3, track_running_stats=False)
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        if h.mean() > 0:  # data-dependent
+            h = -h
+        return self.fc(F.relu(h).mean((2, 3)))
+
+
+class WithPReLU(nn.Module):
+    """Traceable, but PReLU has a parameter and no batched form."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(4, 5), nn.PReLU(), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@pytest.mark.parametrize(
+    "make, shape, why",
+    [
+        (DataDependent, (1, 6, 6), r"DataDependent cannot be traced by torch\.fx: .*test_runner\.py:\d+ `if h\.mean"),
+        (WithPReLU, (4,), r"module 'act' \(PReLU\) has no task-batched form"),
+    ],
+)  # fmt: skip
+def test_untraceable_model_runs_in_a_loop_with_one_warning(make, shape, why):
+    model, batch = make().to(D64), batch_of(shape)
+    with pytest.warns(UserWarning, match=why) as record:
+        out = fastmeta.maml_step(model, batch, 0.3, 2)
+        fastmeta.maml_step(model, batch, 0.3, 2)  # no second warning for the same model
+    assert len([w for w in record if "not batched" in str(w.message)]) == 1
+    params = list(model.parameters())
+    assert_grads_close(grads_of(out.loss, params), grads_of(loop_meta_loss(model, batch, 0.3, 2, False), params))
+    with pytest.raises(ValueError, match="strategy='batched' cannot run this model: " + why):
+        fastmeta.maml_step(model, batch, 0.3, 2, strategy="batched")

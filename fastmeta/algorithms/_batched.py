@@ -594,7 +594,7 @@ def _step(model: nn.Module, n: torch.fx.Node, dep: dict, users: dict, fused: set
     def step(fn: Callable[..., object], node: torch.fx.Node = n, names: list[str] | None = None) -> _Step:
         return _Step(node, fn, n.args, dict(n.kwargs), names or [])
 
-    if not dep[n]:  # the same for every task: run as written
+    if not _deps_of((n.args, n.kwargs), dep):  # the same for every task: run as written
         return step(_constant(n))
     if n.op == "call_module":
         m = model.get_submodule(n.target)
