@@ -590,7 +590,7 @@ def _decode_file(path: str | Path, size: int, resize: str) -> np.ndarray:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that is still >= size (else no-op)
             return _resized(im.convert("RGB"), size, resize)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # UnidentifiedImageError: OSError
         raise ValueError(f"cannot decode image {path}: {e}") from None
 
 
