@@ -127,12 +127,14 @@ def _train(args: argparse.Namespace) -> int:
     # under torchrun: one process group over all the processes (NCCL between GPUs, gloo between CPUs)
     rank, size = distributed.init_from_env("nccl" if device.type == "cuda" else "gloo")
     try:
-        code = _train_in(args, rank, size, device)
+        code, finished = _train_in(args, rank, size, device)
     except BaseException:
         if size > 1:  # no barrier: the other ranks may be waiting in a collective that never comes
             torch.distributed.destroy_process_group()
         raise
     distributed.close()  # waits for rank 0's last checkpoint before any rank tears gloo down
+    if finished is not None:  # rank 0, after the others are released: the test is its alone
+        _report(args, *finished, device)
     return code
 
 
@@ -183,7 +185,8 @@ def _learner_options() -> dict:
     return found
 
 
-def _train_in(args: argparse.Namespace, rank: int, size: int, device: torch.device) -> int:
+def _train_in(args: argparse.Namespace, rank: int, size: int, device: torch.device) -> tuple[int, tuple | None]:
+    """(exit status, and on rank 0 after a run: (config, folder, last validation) to report)."""
     from fastmeta.train import RunConfig, train
 
     try:
@@ -197,10 +200,63 @@ def _train_in(args: argparse.Namespace, rank: int, size: int, device: torch.devi
         result = train(config, out[0], resume=args.resume, time_limit=args.time_limit, plot=args.plot, device=device)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"error{f' (rank {rank})' if size > 1 else ''}: {e}", file=sys.stderr)
-        return 2
-    if rank == 0 and args.json:
-        print(json.dumps(result))
-    return 0
+        return 2, None
+    return 0, (config, out[0], result) if rank == 0 else None
+
+
+def _report(args: argparse.Namespace, config: object, out: str, result: dict, device: torch.device) -> None:
+    """The end of a run: its test (with the baseline on the same tasks, where there is one), where its files
+    are and the next command; with --json, one JSON line instead."""
+    from fastmeta.train import summarize_run
+
+    summary = summarize_run(out, config, args.test_episodes, device)
+    if args.json:
+        test = None if summary is None else {k: v for k, v in summary["test"].items() if k != "config"}
+        extra = {} if summary is None else {"test": test, "baseline": summary["baseline_run"]}
+        print(json.dumps({**result, **extra}))
+        return
+    lines = []
+    done = result.get("iteration", 0)
+    if done < config.iterations:
+        lines.append(f"stopped at iteration {done} of {config.iterations}: the same command with --resume continues")
+    if summary is not None:
+        t = summary["test"]
+        scale, unit, digits = (100, "%", 2) if t["metric"] == "accuracy" else (1, "", 3)
+
+        def score(mean: float, ci: float) -> str:
+            return f"{scale * mean:.{digits}f}{unit} +- {scale * ci:.{digits}f}{unit}"
+
+        c, n = t["config"], t["inner_steps"]
+        what = f"{c['n_way']}-way {c['k_shot']}-shot" if "n_way" in _reads(config) else f"{c['k_shot']}-shot"
+        steps = "" if n is None else f", {n} inner step{'' if n == 1 else 's'}"
+        lines.append(
+            f"test: {t['metric']} {score(t['mean'], t['ci95'])} (95% CI), {t['tasks']} {what} tasks of the test "
+            f"split{steps}, {out}/best.pt"
+        )
+        b, baseline = summary["baseline_run"], summary["baseline"]
+        if b is not None:
+            ratio = f", {t['mean'] / b['mean']:.3f} times the baseline's" if t["metric"] == "mse" else ""
+            lines.append(
+                f"  {baseline} baseline on the same tasks: {t['metric']} {score(b['mean'], b['ci95'])} ({b['path']}); "
+                f"{config.algo} minus {baseline}: {score(b['difference'], b['difference_ci95'])} (paired 95% CI)"
+                + ratio
+            )
+        elif baseline is not None:
+            where = os.path.join(os.path.dirname(out) or ".", f"{baseline}-{config.dataset}")
+            lines.append(
+                f"  no {baseline} baseline beside this run to compare with: python -m fastmeta train --algo {baseline} "
+                f"--out {where} trains one (with this run's --k-shot and --n-query), and then the summary compares"
+            )
+    curve = f"{out}/curve.png" if args.plot else f"{out}/history.jsonl (--plot draws curve.png)"
+    lines.append(f"checkpoints: {out}/best.pt (best validation), {out}/checkpoint.pt (latest); curve: {curve}")
+    lines.append(f"next: python -m fastmeta eval {out}/best.pt")
+    print("\n".join(lines))
+
+
+def _reads(config: object) -> tuple[str, ...]:
+    from fastmeta.train import DATASETS
+
+    return DATASETS[config.dataset].reads
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -337,7 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--plot", action="store_true", help="write <out>/curve.png (needs matplotlib)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available)")
-    t.add_argument("--json", action="store_true", help="end with the final validation as one JSON line")
+    t.add_argument(
+        "--test-episodes", type=int, default=1000,
+        help="test tasks the run ends with, on best.pt (and on a baseline run beside it; default 1000, 0: none)",
+    )  # fmt: skip
+    t.add_argument(
+        "--json", action="store_true", help="end with one JSON line (final validation, test) instead of the summary"
+    )
     _add_run_settings(t.add_argument_group("run settings (defaults per dataset and learner)"))
     _add_learner_options(t.add_argument_group("learner options (each read by the learners it names)"))
     t.set_defaults(func=_train)

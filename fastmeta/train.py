@@ -79,6 +79,7 @@ class Dataset:
     reads: tuple[str, ...]
     episodes: Callable  # (config, part, n_way, k_shot, seed, shard) -> episodes indexed by step
     channels: int = 1
+    baseline: str | None = None  # the learner a run's test is compared with, where a run of it is at hand
 
     def model_config(self, config: RunConfig, head: bool) -> dict:
         if self.kind == "regression":
@@ -93,6 +94,7 @@ DATASETS: dict[str, Dataset] = {
              hidden=40),
         reads=("layers",),
         episodes=_sinusoid_episodes,
+        baseline="pretrain",  # Finn et al.'s: joint training on all tasks, fine-tuned at test
     ),
     "omniglot": Dataset(
         "classification",
@@ -376,10 +378,11 @@ def evaluate_model(
     batches: int,
     inner_steps: int,
     tasks: int | None = None,
+    per_task: bool = False,
 ) -> dict:
     """Mean query accuracy (classification) or MSE (regression) after adapting to each task's support set,
     with its 95% confidence interval over the tasks: {"metric", "mean", "ci95", "tasks"}. tasks: count only
-    the first this many of the batches' tasks (default all)."""
+    the first this many of the batches' tasks (default all). per_task: also "values", each task's (T,)."""
     values = []
     device = next(model.parameters()).device
     was_training = model.training
@@ -393,7 +396,8 @@ def evaluate_model(
     model.train(was_training)
     v = torch.cat(values).double()[:tasks]
     ci = 1.96 * v.std().item() / math.sqrt(len(v)) if len(v) > 1 else float("nan")
-    return {"metric": config.metric, "mean": v.mean().item(), "ci95": ci, "tasks": len(v)}
+    result = {"metric": config.metric, "mean": v.mean().item(), "ci95": ci, "tasks": len(v)}
+    return {**result, "values": v} if per_task else result
 
 
 class _Progress:
@@ -624,11 +628,15 @@ def evaluate(
     device: str | torch.device = "cpu",
     n_way: int | None = None,
     k_shot: int | None = None,
+    seed: int | None = None,
+    per_task: bool = False,
 ) -> dict:
     """Meta-tests a checkpoint: `episodes` tasks of `part`, each adapted with `inner_steps` (default: the
     run's eval_inner_steps) steps. n_way, k_shot: test episodes other than the run's own (n_way for the metric
     learners, whose embeddings serve any number of classes; k_shot for all but SNAIL, whose sequence length is
-    fixed). Returns {"metric", "mean", "ci95", "tasks", "config"} (config: the tested episodes' settings)."""
+    fixed). seed: that of the episodes (default the run's; another run's seed tests on that run's tasks).
+    Returns {"metric", "mean", "ci95", "tasks", "config"} (config: the tested episodes' settings), and with
+    per_task "values", each task's score."""
     if episodes < 1 or tasks_per_batch < 1:
         raise ValueError(f"episodes and tasks_per_batch must be >= 1, got {episodes} and {tasks_per_batch}")
     state = load_checkpoint(checkpoint)
@@ -662,15 +670,57 @@ def evaluate(
     # the tested episodes, whatever the part: not the wider training episodes of --train-way or --train-shot
     wider = {k: None for k in ("train_way", "train_shot") if k in config.options}
     eval_config = replace(config, **tested, meta_batch=tasks_per_batch, options={**config.options, **wider})
+    if seed is not None:
+        eval_config = replace(eval_config, seed=seed)
     batches = math.ceil(episodes / tasks_per_batch)
     steps = config.get("eval_inner_steps", 0) if inner_steps is None else inner_steps
-    result = evaluate_model(model, aux, eval_config, datasets(eval_config, part), batches, steps, episodes)
+    episodes_of = datasets(eval_config, part)
+    result = evaluate_model(model, aux, eval_config, episodes_of, batches, steps, episodes, per_task)
     result["config"] = {**asdict(config), **tested}
     result["inner_steps"] = steps if learner.adapts else None  # the metric learners and SNAIL do not adapt
     return result
 
 
+def summarize_run(
+    out: str | os.PathLike, config: RunConfig, episodes: int = 1000, device: str | torch.device = "cpu"
+) -> dict | None:
+    """What a finished run needs to be judged: out/best.pt on `episodes` test tasks and, where the dataset
+    has a baseline learner (DATASETS[...].baseline) and a run of it sits beside `out` (its best.pt, the same
+    dataset and episode sizes), that baseline on the same tasks with the paired difference. Returns None
+    without a best.pt, else {"test": evaluate's result, "baseline": learner name or None, "baseline_run":
+    {"path", "mean", "ci95", "difference", "difference_ci95"} or None}."""
+    best = Path(out) / "best.pt"
+    if episodes < 1 or not best.is_file():
+        return None
+    test = evaluate(best, episodes, device=device, per_task=True)
+    found = None
+    baseline = DATASETS[config.dataset].baseline
+    if baseline is not None and baseline != config.algo:
+        found = _baseline_run(Path(out), config, baseline, test, episodes, device)
+    del test["values"]
+    return {"test": test, "baseline": baseline if baseline != config.algo else None, "baseline_run": found}
+
+
+def _baseline_run(out: Path, config: RunConfig, baseline: str, test: dict, episodes: int, device) -> dict | None:  # noqa: ANN001
+    runs = sorted(out.parent.glob(f"{baseline}-{config.dataset}*/best.pt"), key=lambda p: p.stat().st_mtime)
+    for path in reversed(runs):  # the latest that tests on the same tasks
+        try:
+            other = RunConfig.from_dict(load_checkpoint(path)["config"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if (other.algo, other.dataset, other.n_query) != (baseline, config.dataset, config.n_query):
+            continue
+        theirs = evaluate(path, episodes, device=device, k_shot=config.k_shot, seed=config.seed, per_task=True)
+        d = test["values"] - theirs["values"]
+        ci = 1.96 * d.std().item() / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+        return {
+            "path": str(path), "mean": theirs["mean"], "ci95": theirs["ci95"], "difference": d.mean().item(),
+            "difference_ci95": ci,
+        }  # fmt: skip
+    return None
+
+
 __all__ = [
-    "RunConfig", "train", "evaluate", "save_checkpoint", "load_checkpoint", "plot_history", "zero_head", "DATASETS",
-    "BACKBONES",
+    "RunConfig", "train", "evaluate", "summarize_run", "save_checkpoint", "load_checkpoint", "plot_history",
+    "zero_head", "DATASETS", "BACKBONES",
 ]  # fmt: skip

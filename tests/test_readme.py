@@ -30,7 +30,9 @@ PROGRAMS = ("fastmeta ", "python -m fastmeta", "torchrun ", "pytest ", "python b
 SUBCOMMANDS = ("train", "eval", "bench")
 
 # Appended to a command to make it take seconds; later options override the README's (argparse: last one wins).
-SCALED_TRAIN = ["--iterations", "2", "--val-every", "2", "--val-episodes", "1", "--meta-batch", "2"]
+SCALED_TRAIN = [
+    "--iterations", "2", "--val-every", "2", "--val-episodes", "1", "--meta-batch", "2", "--test-episodes", "4",
+]  # fmt: skip
 SCALED_EVAL = ["--episodes", "4", "--tasks-per-batch", "4"]
 SCALED_BENCH = [
     "--workload", "mlp", "--maml-workloads", "sinusoid", "--maml-memory", "no", "--min-time", "0.001",

@@ -199,7 +199,18 @@ def test_train_errors(tmp_path, capsys):
 def test_omniglot_run(tmp_path, capsys, algo):
     out = tmp_path / "run"
     args = ["train", "--algo", algo, "--dataset", "omniglot", "--data", str(OMNIGLOT), "--out", str(out)]
-    args += ["--meta-batch", "2", "--iterations", "3", "--val-every", "3", "--val-episodes", "1"]
+    args += [
+        "--meta-batch",
+        "2",
+        "--iterations",
+        "3",
+        "--val-every",
+        "3",
+        "--val-episodes",
+        "1",
+        "--test-episodes",
+        "4",
+    ]
     if algo == "protonet":
         args += ["--train-way", "12"]  # Snell et al. train with more classes than they test
     if algo == "matching":
@@ -462,7 +473,7 @@ def test_failed_runs_leave_no_folder_and_empty_ones_are_reused(tmp_path, monkeyp
     assert code == 2 and "omniglot needs --data PATH" in err
     assert not (tmp_path / "runs").exists()
     (tmp_path / "runs" / "maml-sinusoid").mkdir(parents=True)  # left by an older fastmeta
-    assert main(["train", "--iterations", "2", "--val-every", "2", "--val-episodes", "1"]) == 0
+    assert main(["train", "--iterations", "2", "--val-every", "2", "--val-episodes", "1", "--test-episodes", "4"]) == 0
     assert (tmp_path / "runs/maml-sinusoid/checkpoint.pt").is_file() and not (
         tmp_path / "runs/maml-sinusoid-2"
     ).exists()
@@ -486,3 +497,34 @@ def test_checkpoints_of_earlier_versions_still_evaluate(name, capsys):
     args = ["eval", str(fixtures / f"{name}.pt"), "--episodes", "4"] + (["--data", data] if data else [])
     code, stdout, err = run(args, capsys)
     assert code == 0 and f"{name.split('-')[0]} " in stdout, err
+
+
+def test_a_run_ends_with_its_test_against_the_baseline_and_the_next_command(tmp_path, capsys):
+    """The main job's end: the test on best.pt with its CI, the pretrained baseline on the same tasks where a
+    run of it sits beside this one (else how to train one), where the files are, and the eval command."""
+    tiny = ["--iterations", "4", "--val-every", "2", "--val-episodes", "1", "--test-episodes", "20"]
+    first = tmp_path / "maml-sinusoid"
+    code, stdout, err = run(["train", "--out", str(first), *tiny], capsys)
+    assert code == 0, err
+    assert "test: mse " in stdout and "(95% CI), 20 10-shot tasks of the test split, 1 inner step" in stdout
+    hint = f"python -m fastmeta train --algo pretrain --out {tmp_path / 'pretrain-sinusoid'}"
+    assert f"no pretrain baseline beside this run to compare with: {hint}" in stdout
+    assert f"checkpoints: {first}/best.pt (best validation), {first}/checkpoint.pt (latest)" in stdout
+    assert stdout.strip().splitlines()[-1] == f"next: python -m fastmeta eval {first}/best.pt"
+    assert main(["train", "--algo", "pretrain", "--out", str(tmp_path / "pretrain-sinusoid"), *tiny]) == 0
+    capsys.readouterr()
+    second = tmp_path / "maml-sinusoid-2"
+    code, stdout, err = run(["train", "--out", str(second), *tiny, "--seed", "3"], capsys)
+    assert code == 0, err
+    line = next(x for x in stdout.splitlines() if "pretrain baseline on the same tasks" in x)
+    ours = training.evaluate(second / "best.pt", 20, per_task=True)
+    theirs = training.evaluate(tmp_path / "pretrain-sinusoid" / "best.pt", 20, seed=3, per_task=True)
+    assert f"mse {theirs['mean']:.3f} +- {theirs['ci95']:.3f}" in line  # on this run's tasks (seed 3), not its own
+    assert f"maml minus pretrain: {(ours['values'] - theirs['values']).mean().item():.3f}" in line
+    code, stdout, err = run(["train", "--out", str(tmp_path / "j"), *tiny, "--json"], capsys)
+    assert code == 0, err
+    end = json.loads(stdout.strip().splitlines()[-1])
+    assert end["iteration"] == 4 and end["test"]["tasks"] == 20
+    assert end["baseline"]["path"] == str(tmp_path / "pretrain-sinusoid" / "best.pt")
+    code, stdout, _ = run(["train", "--out", str(tmp_path / "t"), *tiny[:-2], "--test-episodes", "0"], capsys)
+    assert code == 0 and "test:" not in stdout and "next: python -m fastmeta eval" in stdout

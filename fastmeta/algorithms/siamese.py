@@ -62,10 +62,6 @@ def siamese_step(
     return classification_output(logits, batch.query_y, losses)
 
 
-def _objective(config, model: nn.Module, aux: nn.Module | None, batch: TaskBatch) -> ProtoOutput:  # noqa: ANN001
-    return siamese_step(model, batch, config.margin, config.pairs, config.train_way or config.n_way)
-
-
 def _predict(config, model: nn.Module, aux: nn.Module | None, batch: TaskBatch, inner_steps: int) -> Tensor:  # noqa: ANN001
     with torch.no_grad():
         return siamese_step(model, batch, config.margin, config.pairs, config.n_way).logits
@@ -82,8 +78,10 @@ SIAMESE = Learner(
         Option("pairs", str, "every pair of an episode (all_pairs) or each query with each support example (pairs)",
                default="all_pairs", choices=("all_pairs", "pairs")),
     ),
-    objective=_objective,
-    predict=_predict,
-    head=False,
+    objective=lambda config, model, aux, batch: siamese_step(
+        model, batch, config.margin, config.pairs, config.train_way or config.n_way
+    ),  # a loss to backpropagate; the options are attributes of config
+    predict=_predict,  # query logits of a test batch: siamese_step(...).logits under torch.no_grad()
+    head=False,  # an embedding network: the backbone without an n_way head, tested on any n_way
     tasks=("classification",),
 )  # fmt: skip
