@@ -260,7 +260,7 @@ def _reads(config: object) -> tuple[str, ...]:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from fastmeta.train import evaluate
+    from fastmeta.train import DATASETS, evaluate
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -281,7 +281,8 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     c = r["config"]
-    what = f"{c['n_way']}-way {c['k_shot']}-shot" if c["dataset"] == "omniglot" else f"{c['k_shot']}-shot"
+    classes = "n_way" in DATASETS[c["dataset"]].reads
+    what = f"{c['n_way']}-way {c['k_shot']}-shot" if classes else f"{c['k_shot']}-shot"
     scale, unit = (100, "%") if r["metric"] == "accuracy" else (1, "")
     n = r["inner_steps"]  # None: no inner loop
     steps = "" if n is None else f", {n} inner step{'' if n == 1 else 's'}"
@@ -323,7 +324,10 @@ def _add_run_settings(group: argparse._ArgumentGroup) -> None:
         only = f"{', '.join(readers)}: " if readers and len(readers) < len(DATASETS) else ""
         text = f"{only}{meta['help']}" + (f" ({default})" if default else "")
         kind = meta["type"]
-        group.add_argument(_flag(f.name), type=kind, choices=meta.get("choices"), default=None, help=text)
+        if kind is bool:  # a flag (None: not given, so the dataset's default holds)
+            group.add_argument(_flag(f.name), action="store_true", default=None, help=text)
+        else:
+            group.add_argument(_flag(f.name), type=kind, choices=meta.get("choices"), default=None, help=text)
 
 
 def _add_learner_options(group: argparse._ArgumentGroup) -> None:
@@ -409,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--episodes", type=int, default=1000, help="test tasks (default 1000)")
     e.add_argument("--part", choices=["train", "val", "trainval", "test"], default="test")
     e.add_argument("--inner-steps", type=int, default=None, help="default: the run's eval_inner_steps")
-    e.add_argument("--data", default=None, help="Omniglot location, if not where the run found it")
+    e.add_argument("--data", default=None, help="the dataset's location, if not where the run found it")
     e.add_argument(
         "--n-way", type=int, default=None, help="test episodes' classes (metric learners; default: the run's)"
     )

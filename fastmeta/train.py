@@ -22,7 +22,7 @@ import fastmeta
 from fastmeta import distributed
 from fastmeta.algorithms import LEARNERS, Learner, task_losses
 from fastmeta.algorithms.common import zero_head
-from fastmeta.data import EpisodeSampler, SinusoidTasks, load_omniglot, omniglot_split
+from fastmeta.data import FEWSHOT, EpisodeSampler, SinusoidTasks, load_fewshot, load_omniglot, omniglot_split
 from fastmeta.models import from_config
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -51,6 +51,12 @@ BACKBONES: dict[str, Backbone] = {
         },
         embedding_only=True,
     ),
+    "resnet12": Backbone(  # MetaOptNet's ResNet-12, widths 64-160-320-640 (fastmeta.models.ResNet12)
+        lambda c, n_way: {
+            "model": "ResNet12", "n_way": n_way, "in_channels": DATASETS[c.dataset].channels,
+            "image_size": c.image_size,
+        }
+    ),
 }  # fmt: skip
 
 
@@ -66,6 +72,18 @@ def _omniglot_episodes(config: RunConfig, part: str, n_way: int, k_shot: int, se
         )
     images = omniglot_split(load_omniglot(config.data, config.image_size), config.split, part)
     return EpisodeSampler(images, n_way, k_shot, config.n_query, config.meta_batch, seed=seed, shard=shard)
+
+
+def _fewshot_episodes(config: RunConfig, part: str, n_way: int, k_shot: int, seed: int, shard: tuple[int, int]):  # noqa: ANN202
+    """The image datasets of fastmeta.data.fewshot: RGB episodes normalised by the train split's mean and std,
+    augmented (--augment) only in the training parts."""
+    info = FEWSHOT[config.dataset]
+    if config.data is None:
+        layouts = "; or ".join(layout.expects for layout in info.layouts)
+        raise FileNotFoundError(f"{config.dataset} needs --data PATH: the folder with {layouts}")
+    data = load_fewshot(config.dataset, config.data, config.image_size)
+    augment = config.augment and part in ("train", "trainval")
+    return data.episodes(part, n_way, k_shot, config.n_query, config.meta_batch, seed, augment=augment, shard=shard)
 
 
 @dataclass(frozen=True)
@@ -103,6 +121,19 @@ DATASETS: dict[str, Dataset] = {
         reads=("data", "split", "n_way", "backbone", "image_size"),
         episodes=_omniglot_episodes,
     ),
+    # mini-ImageNet, CIFAR-FS, FC100, CUB-200-2011, image folders: the standard 5-way episodes with 15 queries
+    # a class; Finn et al.'s mini-ImageNet meta-batch of 4 and 60k iterations
+    **{
+        name: Dataset(
+            "classification",
+            dict(n_way=5, k_shot=1, n_query=15, meta_batch=4, meta_lr=1e-3, iterations=60000, val_every=1000,
+                 val_episodes=25, image_size=info.image_size),
+            reads=("data", "n_way", "backbone", "image_size", "augment"),
+            episodes=_fewshot_episodes,
+            channels=3,
+        )
+        for name, info in FEWSHOT.items()
+    },
 }  # fmt: skip
 
 
@@ -121,7 +152,7 @@ class RunConfig:
     algo: str = _setting("maml", "the learner", choices=tuple(LEARNERS))
     dataset: str = _setting("sinusoid", "the tasks", choices=tuple(DATASETS))
     data: str | None = _setting(None, "where the dataset is (Omniglot: a torchvision-style folder or the folder "
-                                "of the zips)", kind=str)  # fmt: skip
+                                "of the zips; the image datasets: see fastmeta.data.fewshot)", kind=str)  # fmt: skip
     split: str = _setting("vinyals", "Omniglot split", choices=("vinyals", "lake"))
     n_way: int = _setting(5, "classes per episode")
     k_shot: int = _setting(1, "support examples per class (sinusoid: points per task)")
@@ -140,6 +171,7 @@ class RunConfig:
     backbone: str = _setting("conv4", "the network (koch: Koch et al.'s, for the learners without a head)",
                              choices=tuple(BACKBONES))  # fmt: skip
     image_size: int = _setting(28, "images resized to this")
+    augment: bool = _setting(False, "training episodes' images randomly cropped (zero padding) and flipped")
     options: dict = field(default_factory=dict)
 
     @staticmethod
@@ -217,7 +249,8 @@ class RunConfig:
             if value is None and f.default is None:
                 continue
             number = meta["type"] is float and isinstance(value, int)  # an int where a float goes is fine
-            if isinstance(value, bool) or not (isinstance(value, meta["type"]) or number):
+            stray_bool = isinstance(value, bool) and meta["type"] is not bool  # isinstance(True, int) holds
+            if stray_bool or not (isinstance(value, meta["type"]) or number):
                 raise ValueError(f"{f.name} must be a {meta['type'].__name__}, got {value!r}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name} must be a finite number, got {value}")
@@ -669,7 +702,9 @@ def evaluate(
     tasks_per_batch = min(tasks_per_batch, episodes)
     # the tested episodes, whatever the part: not the wider training episodes of --train-way or --train-shot
     wider = {k: None for k in ("train_way", "train_shot") if k in config.options}
-    eval_config = replace(config, **tested, meta_batch=tasks_per_batch, options={**config.options, **wider})
+    eval_config = replace(
+        config, **tested, meta_batch=tasks_per_batch, augment=False, options={**config.options, **wider}
+    )
     if seed is not None:
         eval_config = replace(eval_config, seed=seed)
     batches = math.ceil(episodes / tasks_per_batch)

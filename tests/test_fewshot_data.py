@@ -352,3 +352,45 @@ def test_an_image_that_does_not_decode_is_named(tmp_path):
     with pytest.raises(ValueError, match="cannot decode image .*003.Bird_2/001.jpg"):
         load_fewshot("cub", tmp_path / "CUB_200_2011", image_size=8, progress=False, workers=2)
     assert not list((tmp_path / "cache").glob("*.pt"))  # nothing cached
+
+
+SCALED = ["--iterations", "2", "--val-every", "2", "--val-episodes", "1", "--meta-batch", "2", "--n-query", "2"]
+
+
+@pytest.mark.parametrize(
+    "dataset,make,algo,backbone",
+    [
+        ("folder", lambda root: make_folder(root, dict(train=[4] * 4, val=[4] * 3, test=[4] * 3)), "protonet", "conv4"),
+        ("cifarfs", lambda root: make_cifarfs(root, classes=(4, 3, 3), n=4), "maml", "conv4"),
+        ("cub", lambda root: make_cub(root, counts=(4,) * 12, size=(20, 16)), "protonet", "resnet12"),
+    ],
+)  # fmt: skip
+def test_cli_train_and_eval(tmp_path, capsys, dataset, make, algo, backbone):
+    from fastmeta.cli import main
+
+    make(tmp_path / "data")
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", dataset, "--data", str(tmp_path / "data"), "--algo", algo, "--backbone", backbone]
+    argv += ["--n-way", "3", "--image-size", "16", "--augment", "--out", str(out), "--test-episodes", "2", *SCALED]
+    if algo == "maml":
+        argv += ["--inner-steps", "1", "--eval-inner-steps", "1", "--inner-lr", "0.01"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert main(["eval", str(out / "best.pt"), "--episodes", "4", "--tasks-per-batch", "2"]) == 0
+    said = capsys.readouterr().out
+    assert f"{algo} {dataset} 3-way 1-shot, test split, 4 tasks" in said
+    state = torch.load(out / "best.pt", weights_only=False)
+    assert state["model_config"]["in_channels"] == 3 and state["config"]["augment"] is True
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from fastmeta.cli import main
+
+    runs = [
+        (["--dataset", "miniimagenet"], "miniimagenet needs --data PATH"),
+        (["--dataset", "cub", "--data", str(tmp_path)], "CUB-200-2011 not found in"),
+        (["--dataset", "omniglot", "--augment"], "augment is a setting of folder and miniimagenet"),
+    ]
+    for args, message in runs:
+        assert main(["train", *args, "--out", str(tmp_path / "run"), *SCALED]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, err

@@ -134,7 +134,15 @@ def _pytest(argv: list[str]) -> Run | str:
     return f"no scaled-down form for {' '.join(argv)}"
 
 
+FEWSHOT_SKIP = (
+    "needs the dataset's own files, which cannot be downloaded here; tests/test_fewshot_data.py runs train and eval "
+    "through the command line on synthetic files of each layout"
+)
+FEWSHOT = r"(folder|miniimagenet|cifarfs|fc100|cub)\b"
+
 RULES: list[tuple[str, Rule]] = [
+    (rf"(fastmeta|python -m fastmeta) train\b.* --dataset {FEWSHOT}", lambda argv: FEWSHOT_SKIP),
+    (rf"(fastmeta|python -m fastmeta) eval runs/\w+-{FEWSHOT}", lambda argv: FEWSHOT_SKIP),
     (r"(fastmeta|python -m fastmeta) train\b", _train),
     (r"(fastmeta|python -m fastmeta) eval\b", _eval),
     (r"(fastmeta|python -m fastmeta) bench\b", _bench),

@@ -541,8 +541,9 @@ def load_fewshot(
         else:
             path = None
     splits = {p: FewShotSplit(s["images"], s["counts"], list(s["classes"])) for p, s in data["splits"].items()}
-    if info.classes is not None and tuple(len(splits[p]) for p in PARTS) != info.classes and progress:
-        counts = "/".join(str(len(splits[p])) for p in PARTS)
+    counts = "/".join(str(len(splits[p])) for p in PARTS)
+    if info.classes is not None and counts != "/".join(map(str, info.classes)) and progress and path not in _NOTED:
+        _NOTED.add(path)  # once a process (a run loads each part)
         print(
             f"note: {info.title} in {base} has {counts} train/val/test classes, not the standard "
             f"{'/'.join(map(str, info.classes))}",
@@ -556,12 +557,17 @@ def load_fewshot(
     )  # fmt: skip
 
 
+_NOTED: set = set()
+
+
 def _code_version() -> str:
-    """This module's source, DECODE_VERSION and the decoder's version: a change to any re-decodes."""
+    """This module's source as imported, DECODE_VERSION and the decoder's version: a change to any re-decodes."""
     import PIL
 
-    source = Path(__file__).read_bytes()
-    return f"{DECODE_VERSION}|{PIL.__version__}|{hashlib.sha1(source).hexdigest()[:12]}"
+    return f"{DECODE_VERSION}|{PIL.__version__}|{_SOURCE}"
+
+
+_SOURCE = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12]  # the code running, not a later edit of it
 
 
 def _from_cache(path: Path) -> dict | None:
