@@ -228,6 +228,20 @@ def test_dropout_draws_the_same_masks_when_rebuilt(recompute, monkeypatch):
     assert not torch.allclose(other.loss, plain.loss)  # (the masks do matter)
 
 
+def test_on_device(device):
+    """On the device the tasks are on, dropout included (the device's random state is saved and restored)."""
+    model, batch = dropout_mlp().to(device), regression_batch(device=device)
+    lrs, _ = learned_rates("lslr", model, 3, 0.01)
+    tensors = list(model.parameters()) + list(lrs.parameters())
+    torch.manual_seed(1)
+    plain = fastmeta.maml_step(model, batch, lrs, 3, loss_fn=F.mse_loss)
+    want = grads_of(plain.loss, tensors)
+    torch.manual_seed(1)
+    out = fastmeta.maml_step(model, batch, lrs, 3, loss_fn=F.mse_loss, recompute="steps")
+    assert_close(out.loss, plain.loss, rtol=1e-12, atol=0)
+    assert_grads_close(grads_of(out.loss, tensors), want, rtol=1e-10)
+
+
 @pytest.mark.parametrize(
     "bad", [0, -1, 1.5, True, "step", "Steps", ("steps", 0), ("steps",), ("chunks", 2), ["steps", 2], (2, "steps")]
 )
