@@ -1,6 +1,6 @@
 """`python -m fastmeta`: the command line.
 
-python -m fastmeta train [--algo maml|fomaml|metasgd|reptile|metalstm|snail|protonet|matching|siamese|pretrain]
+python -m fastmeta train [--algo LEARNER] [--dataset DATASET] [options]   (--help: every learner and option)
 python -m fastmeta eval CHECKPOINT [--episodes 1000]
 python -m fastmeta bench [--device cpu|cuda] [--op all|fast_weight_update|contrastive|maml] [--json FILE]
 """
@@ -161,7 +161,7 @@ def _settings(args: argparse.Namespace) -> dict:
     from fastmeta.algorithms import LEARNERS
     from fastmeta.train import RunConfig, unread_option
 
-    learner = LEARNERS[args.algo or "maml"]
+    learner = LEARNERS[args.algo or RunConfig.algo]  # the dataclass's default learner
     given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if f.name != "options"}
     for name in sorted(_learner_options()):
         value = getattr(args, name)

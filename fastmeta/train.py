@@ -181,7 +181,7 @@ class RunConfig:
         if dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {tuple(DATASETS)}, got {dataset!r}")
         given = {k: v for k, v in overrides.items() if v is not None}
-        learner = _learner(given.pop("algo", "maml"))
+        learner = _learner(given.pop("algo", RunConfig.algo))  # the field's default
         options = {k: v for k, v in (given.pop("options", None) or {}).items() if v is not None}
         names = {f.name for f in fields(RunConfig)} - {"options"}
         options.update({k: given.pop(k) for k in list(given) if k not in names})
