@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -480,7 +481,7 @@ def test_failed_runs_leave_no_folder_and_empty_ones_are_reused(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("name", ["maml-sinusoid", "metasgd-sinusoid", "metalstm-sinusoid", "protonet-omniglot"])
-def test_checkpoints_of_earlier_versions_still_evaluate(name, capsys):
+def test_checkpoints_of_earlier_versions_still_evaluate(name, tmp_path, capsys):
     """Checkpoints written before the learner declarations (tests/fixtures/checkpoints) load and test the same."""
     fixtures = Path(__file__).parent / "fixtures" / "checkpoints"
     expected = json.loads((fixtures / "expected.json").read_text())[name]
@@ -497,6 +498,15 @@ def test_checkpoints_of_earlier_versions_still_evaluate(name, capsys):
     args = ["eval", str(fixtures / f"{name}.pt"), "--episodes", "4"] + (["--data", data] if data else [])
     code, stdout, err = run(args, capsys)
     assert code == 0 and f"{name.split('-')[0]} " in stdout, err
+    if data is None:  # --resume with the settings it was written with: the old config equals today's
+        algo, folder = name.split("-")[0], tmp_path / "run"
+        folder.mkdir()
+        for file in ("checkpoint.pt", "best.pt"):
+            shutil.copy(fixtures / f"{name}.pt", folder / file)
+        args = ["train", "--algo", algo, "--out", str(folder), "--resume", "--iterations", "2", "--val-every", "2"]
+        args += ["--val-episodes", "1", "--hidden", "8", "--test-episodes", "4"]
+        code, stdout, err = run(args + (["--zero-head"] if algo == "metalstm" else []), capsys)
+        assert code == 0 and "test: mse" in stdout, err
 
 
 def test_a_run_ends_with_its_test_against_the_baseline_and_the_next_command(tmp_path, capsys):
