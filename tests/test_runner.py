@@ -130,6 +130,25 @@ class FunctionalNet(nn.Module):
         return self.fc(torch.tanh(h.view(h.size(0), -1)))
 
 
+class MixedLayouts(nn.Module):
+    """Values in different layouts meet: a convolution's output (grouped or per task) and a linear layer's
+    ((T, N, C) tensor) are added and concatenated; GroupNorm and LayerNorm on a linear layer's output."""
+
+    def __init__(self, n_way=3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc1 = nn.Linear(4 * 4 * 4, 4)
+        self.gn = nn.GroupNorm(2, 4)
+        self.ln = nn.LayerNorm(8)
+        self.fc2 = nn.Linear(8, n_way)
+
+    def forward(self, x):
+        h = F.avg_pool2d(torch.tanh(self.conv(x)), 2)
+        a = h.mean(dim=(2, 3))
+        b = self.gn(self.fc1(torch.flatten(h, 1)))
+        return self.fc2(self.ln(torch.cat([a + b, a * b], 1)).relu())
+
+
 def resnet12():
     return mixed_norm_signs(ResNet12(3, in_channels=1, widths=(2, 3, 4, 5), image_size=16).to(D64))
 
@@ -159,6 +178,7 @@ def net3d():
 MODELS = {
     "resnet12": (resnet12, (1, 16, 16)),
     "functional": (lambda: mixed_norm_signs(FunctionalNet().to(D64)), (1, 8, 8)),
+    "mixed": (lambda: mixed_norm_signs(MixedLayouts().to(D64)), (1, 8, 8)),
     "1d": (net1d, (1, 16)),
     "3d": (net3d, (1, 4, 4, 4)),
 }
