@@ -3,6 +3,7 @@ pixels) and read back: classes, counts, pixels, the cache, episodes, normalisati
 
 import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -217,6 +218,8 @@ def test_fc100_layout(tmp_path):
     expected = [*train_x[train_y == 27], *test_x[test_y == 27]]
     for e, row in enumerate(expected):
         assert torch.equal(test.images[c, e], torch.from_numpy(row.reshape(3, 32, 32)))
+    top = load_fewshot("fc100", tmp_path / "cifar-100-python", progress=False)  # the top folder itself
+    assert top.splits["test"].classes == test.classes and torch.equal(top.splits["test"].images, test.images)
 
 
 def make_cub(root, counts=(5, 6, 4, 5, 6, 5, 4, 6), size=(30, 24)):
@@ -326,6 +329,11 @@ def test_layout_errors(tmp_path):
         load_fewshot("cub", tmp_path / "nowhere", progress=False)
     with pytest.raises(ValueError, match="dataset must be one of"):
         load_fewshot("imagenet", tmp_path)
+    # two datasets in the folder given: which one is meant is not clear
+    make_cub(tmp_path / "two", counts=(2,) * 4, size=(8, 8))
+    shutil.copytree(tmp_path / "two" / "CUB_200_2011", tmp_path / "two" / "CUB_copy")
+    with pytest.raises(ValueError, match="several folders in .*two look like it: .*CUB_200_2011, .*CUB_copy"):
+        load_fewshot("cub", tmp_path / "two", progress=False)
     # a split file missing
     make_cifarfs(tmp_path / "fs", classes=(2, 1, 1), n=2)
     (tmp_path / "fs" / "splits" / "bertinetto" / "val.txt").unlink()
