@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastmeta.algorithms.common import TRAIN_SHOT, TRAIN_WAY, Learner, Option
-from fastmeta.algorithms.protonet import ProtoOutput, check_episodes, classification_output, embed_episodes
+from fastmeta.algorithms.common import TRAIN_SHOT, TRAIN_WAY, Learner, Option, ProtoOutput, classification_output
+from fastmeta.algorithms.protonet import check_episodes, embed_episodes
 from fastmeta.data import TaskBatch
 
 __all__ = ["FullContextEmbedding", "matching_log_probs", "matching_step"]

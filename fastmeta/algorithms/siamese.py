@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from fastmeta import ops
-from fastmeta.algorithms.common import TRAIN_SHOT, TRAIN_WAY, Learner, Option
-from fastmeta.algorithms.protonet import ProtoOutput, check_episodes, classification_output, embed, squared_distances
+from fastmeta.algorithms.common import TRAIN_SHOT, TRAIN_WAY, Learner, Option, ProtoOutput, classification_output
+from fastmeta.algorithms.protonet import check_episodes, embed, squared_distances
 from fastmeta.data import TaskBatch
 
 __all__ = ["siamese_step", "nearest_support_logits"]

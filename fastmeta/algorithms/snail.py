@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastmeta.algorithms.common import Learner
-from fastmeta.algorithms.protonet import ProtoOutput, check_episodes, classification_output, embed_episodes
+from fastmeta.algorithms.common import Learner, ProtoOutput, classification_output
+from fastmeta.algorithms.protonet import check_episodes, embed_episodes
 from fastmeta.data import TaskBatch
 
 __all__ = ["SNAIL", "snail_step", "DenseBlock", "TCBlock", "AttentionBlock"]
