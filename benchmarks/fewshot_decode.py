@@ -2,9 +2,11 @@
 (64/16/20) of 600 84x84 JPEGs in Ravi & Larochelle's images/ + train.csv/val.csv/test.csv layout.
 
     python benchmarks/fewshot_decode.py [--root /tmp/fewshot_bench] [--classes 100] [--per-class 600] [--workers 1,2]
+    python benchmarks/fewshot_decode.py --classes 10 --per-class 100 --source-size 500x375   # ImageNet-sized files
 
 The images (smooth random colour fields plus noise, about the size of real 84x84 JPEGs) are written once under
---root and reused; every decode starts from an empty cache folder under --root.
+--root and reused; every decode starts from an empty cache folder under --root. With files larger than 84x84,
+the decode is also timed with Pillow's draft mode (libjpeg's reduced-scale decoding) switched off.
 """
 
 from __future__ import annotations
@@ -21,10 +23,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def make_images(root: Path, classes: int, per_class: int) -> Path:
+def make_images(root: Path, classes: int, per_class: int, size: tuple[int, int] = (84, 84)) -> Path:
     from PIL import Image
 
-    data = root / f"mini-{classes}x{per_class}"
+    data = (
+        root / f"mini-{classes}x{per_class}"
+        if size == (84, 84)
+        else root / f"mini-{classes}x{per_class}-{size[0]}x{size[1]}"
+    )
     if (data / "test.csv").is_file():
         return data
     (data / "images").mkdir(parents=True, exist_ok=True)
@@ -38,7 +44,7 @@ def make_images(root: Path, classes: int, per_class: int) -> Path:
             label = f"n{c:08d}"
             for e in range(per_class):
                 low = rng.integers(0, 256, (7, 7, 3), dtype=np.uint8)
-                im = np.asarray(Image.fromarray(low).resize((84, 84), Image.BICUBIC), dtype=np.int16)
+                im = np.asarray(Image.fromarray(low).resize(size, Image.BICUBIC), dtype=np.int16)
                 im = np.clip(im + rng.integers(-12, 13, im.shape), 0, 255).astype(np.uint8)
                 name = f"{label}{e:08d}.jpg"
                 Image.fromarray(im).save(data / "images" / name, quality=90)
@@ -54,14 +60,16 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--per-class", type=int, default=600)
     p.add_argument("--workers", default="1,2", help="comma-separated thread counts to decode with")
+    p.add_argument("--source-size", default="84x84", help="WxH of the JPEG files (they are decoded to 84x84)")
     args = p.parse_args()
+    source = tuple(int(v) for v in args.source_size.split("x"))
 
     import torch
 
     from fastmeta.data import cache, fewshot, load_fewshot
 
     root = Path(args.root)
-    data = make_images(root, args.classes, args.per_class)
+    data = make_images(root, args.classes, args.per_class, source)
     files = list((data / "images").iterdir())
     mb = sum(f.stat().st_size for f in files) / 1e6
     print(
@@ -90,6 +98,18 @@ def main() -> None:
             f"{saved[-1]:.1f} s); CPU time of all threads {cpu:.1f} s ({1e3 * cpu / n:.3f} ms an image)",
             flush=True,
         )
+        del ds
+    if source != (84, 84):  # the same without libjpeg's reduced-scale decoding
+        from PIL import JpegImagePlugin
+
+        draft = JpegImagePlugin.JpegImageFile.draft
+        JpegImagePlugin.JpegImageFile.draft = lambda self, mode, size: None
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        tic = time.perf_counter()
+        ds = load_fewshot("miniimagenet", data, cache_dir=cache_dir, workers=2, progress=False)
+        total = time.perf_counter() - tic
+        print(f"first load without draft, 2 threads: {total:.1f} s ({1e3 * (total - saved[-1]) / n:.3f} ms an image)")
+        JpegImagePlugin.JpegImageFile.draft = draft
         del ds
     for _ in range(2):
         tic = time.perf_counter()
