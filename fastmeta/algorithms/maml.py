@@ -202,17 +202,21 @@ def maml_step(
             "batched", "vmap" or "loop".
         recompute: trade compute for memory; the same loss and meta-gradient (to `model`'s parameters and a
             learned inner_lr), but only `loss` is differentiable, once; task_losses, predictions and
-            fast_weights come back detached. Under torch.no_grad the plain step runs.
+            fast_weights come back detached. Under torch.no_grad the plain step runs. Dropout and other
+            randomness draw the same numbers when recomputed as in forward (the RNG state is saved and restored).
             - k (an integer): the step runs without a graph, and backward runs it again k tasks at a time,
               differentiating each chunk before the next: peak memory of one chunk's graph instead of all T's,
               for about one more forward pass.
             - "steps": second-order memory that does not grow with inner_steps. The inner loop runs without a
-              graph, keeping only some steps' fast weights (see `_checkpoint_interval`); backward rebuilds the
-              query loss, then sweeps the steps in reverse, rebuilding one step's graph at a time from its
-              fast weights and taking its vector-Jacobian product with the adjoint of the next step's. Costs
-              about one more inner loop without a graph and one query forward. Dropout and other randomness
-              see the same random numbers in the rebuilt steps as in forward (the RNG state is saved per step).
-            - ("steps", k): both: chunks of k tasks, each swept over its steps.
+              graph, keeping the fast weights of every ceil(sqrt(inner_steps))-th step; backward rebuilds the
+              query loss's graph, then sweeps the steps in reverse, rebuilding one step's graph at a time (the
+              steps between two kept ones recomputed without a graph first) and taking its vector-Jacobian
+              product with the adjoint of the step's output fast weights: the adjoint of its input fast
+              weights and the gradients of the learned rates and of the shared (non-adapted) parameters. Peak:
+              the query's graph or one step's, whichever is larger, plus about 2 * sqrt(inner_steps) sets of
+              fast weights. Costs about two more inner loops without a graph and one query forward.
+            - ("steps", k): both, for a peak below one query graph of all T tasks: chunks of k tasks (as k),
+              each swept over its steps (as "steps").
     """
     if not isinstance(batch, TaskBatch):
         raise TypeError(f"maml_step: batch must be a fastmeta.TaskBatch, got {type(batch).__name__}")
