@@ -4,6 +4,8 @@ pixels) and read back: classes, counts, pixels, the cache, episodes, normalisati
 import os
 import pickle
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -319,6 +321,26 @@ def test_cache_reused_and_rebuilt_when_files_or_code_change(tmp_path, monkeypatc
     monkeypatch.setattr(fewshot, "DECODE_VERSION", fewshot.DECODE_VERSION + 1)
     load_fewshot("folder", tmp_path / "ds", image_size=16, progress=False)
     assert len(calls) == 29  # new decoding code: decoded again
+
+
+def test_concurrent_loads_decode_once(tmp_path, monkeypatch):
+    """Two loads at once (as torchrun's ranks on a first run): one decodes, the other waits and reads its cache."""
+    make_folder(tmp_path / "ds")
+    calls = []
+    decode = fewshot._decode_file
+    slow = lambda *a: calls.append(a[0]) or time.sleep(0.01) or decode(*a)  # noqa: E731  (the loads overlap)
+    monkeypatch.setattr(fewshot, "_decode_file", slow)
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(load_fewshot("folder", tmp_path / "ds", 16, progress=False)))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 29 and len(results) == 2
+    assert torch.equal(results[0].splits["train"].images, results[1].splits["train"].images)
 
 
 def test_layout_errors(tmp_path):

@@ -3,14 +3,15 @@ and .pt files written atomically (a temporary file, then a rename) and read back
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
-__all__ = ["cache_dir", "file_stamp", "load_cached", "save_cached"]
+__all__ = ["cache_dir", "file_stamp", "load_cached", "locked", "save_cached"]
 
 
 def cache_dir(given: str | os.PathLike | None = None) -> Path:
@@ -56,3 +57,24 @@ def save_cached(data: dict, path: Path) -> bool:
     except OSError:
         tmp.unlink(missing_ok=True)
         return False
+
+
+@contextlib.contextmanager
+def locked(lock: Path) -> Iterator[None]:
+    """Holds an exclusive lock (flock on the file `lock`, made if missing) while the block runs, so that
+    processes building the same cache take turns: the first decodes, the next finds its file. No lock where
+    the folder cannot be written or flock is missing (then each decodes; the atomic rename keeps the file whole)."""
+    try:
+        import fcntl
+
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock, "a")  # noqa: SIM115
+    except (ImportError, OSError):
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

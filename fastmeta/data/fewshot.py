@@ -522,24 +522,11 @@ def load_fewshot(
     path = cache.cache_dir(cache_dir) / f"{prefix}{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
     data = _from_cache(path)
     if data is None:
-        if scan is not None:
-            splits = _decode_scan(scan, size, resize, workers, progress, info.title)
-        else:
-            splits = _from_arrays(layout.read(base), size, resize, info.title, progress)
-        mean, std = _mean_std(splits["train"])
-        data = {
-            "version": DECODE_VERSION,
-            "layout": layout.name,
-            "splits": {p: {"images": s.images, "counts": s.counts, "classes": s.classes} for p, s in splits.items()},
-            "mean": mean,
-            "std": std,
-        }
-        if cache.save_cached(data, path):
-            for old in path.parent.glob(f"{prefix}*.pt"):  # the same folder, size and resize, older files or code
-                if old != path:
-                    old.unlink(missing_ok=True)
-        else:
-            path = None
+        # one process decodes (torchrun's ranks, parallel runs); the others wait, then read its cache
+        with cache.locked(path.with_name(f".{prefix}lock")):
+            data = _from_cache(path)
+            if data is None:
+                data, path = _build(info, layout, base, scan, size, resize, workers, progress, path, prefix)
     splits = {p: FewShotSplit(s["images"], s["counts"], list(s["classes"])) for p, s in data["splits"].items()}
     counts = "/".join(str(len(splits[p])) for p in PARTS)
     if info.classes is not None and counts != "/".join(map(str, info.classes)) and progress and path not in _NOTED:
@@ -555,6 +542,40 @@ def load_fewshot(
         augment_padding=max(1, round(info.padding * size / info.image_size)),
         cache_file=None if path is None else str(path),
     )  # fmt: skip
+
+
+def _build(
+    info: DatasetInfo,
+    layout: _Layout,
+    base: Path,
+    scan: _Scan | None,
+    size: int,
+    resize: str,
+    workers: int | None,
+    progress: bool,
+    path: Path,
+    prefix: str,
+) -> tuple[dict, Path | None]:
+    """Decodes the dataset and writes its cache at `path` (removing older caches of `prefix`): (the cache's
+    contents, its path or None where it could not be written)."""
+    if scan is not None:
+        splits = _decode_scan(scan, size, resize, workers, progress, info.title)
+    else:
+        splits = _from_arrays(layout.read(base), size, resize, info.title, progress)
+    mean, std = _mean_std(splits["train"])
+    data = {
+        "version": DECODE_VERSION,
+        "layout": layout.name,
+        "splits": {p: {"images": s.images, "counts": s.counts, "classes": s.classes} for p, s in splits.items()},
+        "mean": mean,
+        "std": std,
+    }
+    if not cache.save_cached(data, path):
+        return data, None
+    for old in path.parent.glob(f"{prefix}*.pt"):  # the same folder, size and resize, older files or code
+        if old != path:
+            old.unlink(missing_ok=True)
+    return data, path
 
 
 _NOTED: set = set()
