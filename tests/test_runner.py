@@ -184,10 +184,14 @@ MODELS = {
 }
 
 
-@pytest.fixture(params=["grouped", "per-task"])
+@pytest.fixture(params=["grouped", "per-task", "per-task-nchw"])
 def layout(request, monkeypatch):
-    """Convolutions of all tasks as one grouped convolution, or per task (channels-last on the CPU)."""
+    """Convolutions of all tasks as one grouped convolution, or per task (channels-last on the CPU, or NCHW as
+    on wide tiny maps)."""
     monkeypatch.setattr(_batched, "GROUPED_MAX_EXAMPLES", 10**9 if request.param == "grouped" else 0)
+    if request.param == "per-task-nchw":
+        monkeypatch.setattr(_batched, "NCHW_MAX_PIXELS", 10**9)
+        monkeypatch.setattr(_batched, "NCHW_MIN_CHANNELS", 0)
     return request.param
 
 

@@ -55,6 +55,11 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # saves 12% of a second-order one, while per-task channels-last convolutions and pooling are the faster for
 # 75-image query sets.
 GROUPED_MAX_EXAMPLES = 16
+# Except on wide, tiny maps, where oneDNN's channels-last convolution is the slower one: a 3x3 convolution
+# forward + backward of 75 images at 4x4, 320 -> 640 and 640 -> 640 channels, took 1.2x-1.5x as long in
+# channels-last as in NCHW (2-core CPU, 1 and 2 threads; ResNet-12's last block); at 8x8 they were even, at 16x16
+# and above channels-last won. Conv4's 64-channel layers never reach this.
+NCHW_MAX_PIXELS, NCHW_MIN_CHANNELS = 16, 256
 # The layout choice is per device. On CUDA every convolution runs as one grouped convolution over all tasks,
 # whatever the set size: that is what vmap does, and vmap beat the per-task runner on an H100's Conv4 rows. Not
 # measured here (no GPU): a switch to revisit with measurements, not a measured choice like the CPU's.
@@ -172,7 +177,11 @@ class _Conv(_Layer):
             return Grouped(self.conv(Grouped.of(x, T).x, w, b, m.groups * T), T)
         xs = _tasks(x)
         if xs and xs[0].device.type == "cpu" and xs[0].dim() == 4:
-            xs = [_channels_last(t) for t in xs]
+            h, w = xs[0].shape[2:]
+            if h * w <= NCHW_MAX_PIXELS and m.in_channels >= NCHW_MIN_CHANNELS:
+                xs = [t.contiguous() for t in xs]
+            else:
+                xs = [_channels_last(t) for t in xs]
         ws = _split(params, self.prefix + "weight", m.weight, T)
         bs = _split(params, self.prefix + "bias", m.bias, T)
         return [self.conv(t, w, b, m.groups) for t, w, b in zip(xs, ws, bs)]
