@@ -323,7 +323,7 @@ class WithPReLU(nn.Module):
     "make, shape, why",
     [
         (DataDependent, (1, 6, 6), r"DataDependent cannot be traced by torch\.fx: .*test_runner\.py:\d+ `if h\.mean"),
-        (WithPReLU, (4,), r"module 'act' \(PReLU\) has no task-batched form"),
+        (WithPReLU, (4,), r"WithPReLU: module 'act' \(PReLU\) has no task-batched form"),
     ],
 )  # fmt: skip
 def test_untraceable_model_runs_in_a_loop_with_one_warning(make, shape, why):

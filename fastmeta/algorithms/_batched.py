@@ -522,10 +522,10 @@ def _plan_graph(model: nn.Module, graph: torch.fx.Graph) -> _Plan:
     nodes = list(graph.nodes)
     placeholders = [n for n in nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
-        raise TypeError(f"{type(model).__name__}.forward takes {len(placeholders)} inputs; the runner passes one")
+        raise TypeError(f"forward takes {len(placeholders)} inputs; the runner passes one")
     output = next(n for n in nodes if n.op == "output")
     if not isinstance(output.args[0], torch.fx.Node):
-        raise TypeError(f"{type(model).__name__}.forward returns {type(output.args[0]).__name__}, not one tensor")
+        raise TypeError(f"forward returns {type(output.args[0]).__name__}, not one tensor")
     param_names = {n for n, _ in model.named_parameters()}
     dep: dict[torch.fx.Node, bool] = {}
     for n in nodes:
@@ -541,7 +541,7 @@ def _plan_graph(model: nn.Module, graph: torch.fx.Graph) -> _Plan:
         elif n.op == "call_module":
             dep[n] = _deps_of((n.args, n.kwargs), dep)
     if not dep[output.args[0]]:
-        raise TypeError(f"{type(model).__name__}.forward's output does not depend on its input")
+        raise TypeError("forward's output does not depend on its input")
 
     users = {n: [u for u in n.users] for n in nodes}
     fused: set[torch.fx.Node] = set()
@@ -833,9 +833,14 @@ def _traced(model: nn.Module) -> tuple[_Plan | None, str | None, bool]:
     if cached is not None and cached[0] == key:
         return cached[1], cached[2], False
     try:
-        plan, why = _plan_graph(model, _trace(model)), None
+        graph = _trace(model)
     except TypeError as e:
         plan, why = None, str(e)
+    else:
+        try:
+            plan, why = _plan_graph(model, graph), None
+        except TypeError as e:
+            plan, why = None, f"{type(model).__name__}: {e}"
     _TRACED[model] = (key, plan, why)
     return plan, why, cached is None
 
@@ -910,5 +915,6 @@ def runner(model: nn.Module, strategy: str) -> TracedModel | LoopModel | VmapMod
     fallback = VmapModel if not _has_batchnorm(model) and "cannot be traced" not in why else LoopModel
     if first:
         how = "task by task" if fallback is LoopModel else "under torch.func.vmap"
-        warnings.warn(f"fastmeta: {type(model).__name__} runs {how}, not batched: {why}", stacklevel=3)
+        # stacklevel: the caller of maml_step / adapt (runner <- _prepare <- maml_step <- caller)
+        warnings.warn(f"fastmeta: {type(model).__name__} runs {how}, not batched: {why}", stacklevel=4)
     return fallback(model)
