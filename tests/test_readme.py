@@ -77,6 +77,27 @@ class Run:
     needs_omniglot: bool = False
 
 
+FEWSHOT = ("folder", "miniimagenet", "cifarfs", "fc100", "cub")
+SYNTHETIC = "@synthetic:"  # an argument standing for a synthetic copy of a dataset, written in the run's folder
+
+
+def _synthetic(name: str, root: Path) -> Path:
+    """A small dataset in `name`'s distributed layout (tests/test_fewshot_data.py's writers), with enough classes
+    and images for 5-way 5-shot episodes of 15 queries in every split; written once per folder."""
+    import test_fewshot_data as fs
+
+    where = root / f"data-{name}"
+    if not where.exists():
+        {
+            "folder": lambda: fs.make_folder(where, {part: [20] * 5 for part in ("train", "val", "test")}),
+            "miniimagenet": lambda: fs.make_mini_csv(where, classes=(5, 5, 5), n=20),
+            "cifarfs": lambda: fs.make_cifarfs(where, classes=(5, 5, 5), n=20),
+            "fc100": lambda: fs.make_cifar100(where, train_per_class=15, test_per_class=5),
+            "cub": lambda: fs.make_cub(where, counts=[20] * 20),
+        }[name]()
+    return where
+
+
 Rule = Callable[[list[str]], "Run | str"]  # a Run, or the reason to skip
 
 
@@ -86,14 +107,18 @@ def _fastmeta(argv: list[str]) -> list[str]:
 
 
 def _data(argv: list[str]) -> tuple[list[str], bool]:
-    """PATH and the README's Omniglot location replaced by the Omniglot folder the tests use."""
-    out = [str(OMNIGLOT) if a in ("PATH", "../shared/data/omniglot") else a for a in argv]
-    return out, out != argv
+    """PATH and the README's Omniglot location replaced by the Omniglot folder the tests use, or, for the few-shot
+    image datasets (which cannot be downloaded here), by a synthetic copy in their layout."""
+    dataset = argv[argv.index("--dataset") + 1] if "--dataset" in argv else "omniglot"
+    path = f"{SYNTHETIC}{dataset}" if dataset in FEWSHOT else str(OMNIGLOT)
+    out = [path if a in ("PATH", "../shared/data/omniglot") else a for a in argv]
+    return out, str(OMNIGLOT) in out
 
 
 def _train(argv: list[str]) -> Run | str:
     args, omniglot = _data(_fastmeta(argv))
-    return Run([sys.executable, "-m", "fastmeta", *args, *SCALED_TRAIN], needs_omniglot=omniglot)
+    smaller = ["--image-size", "32"] if any(a.startswith(SYNTHETIC) for a in args) else []
+    return Run([sys.executable, "-m", "fastmeta", *args, *SCALED_TRAIN, *smaller], needs_omniglot=omniglot)
 
 
 def _eval(argv: list[str]) -> Run | str:
@@ -123,6 +148,9 @@ def _script(argv: list[str]) -> Run | str:
     if argv[1] == "benchmarks/distributed_throughput.py":
         args, omniglot = _data(argv[2:])
         return Run([sys.executable, str(ROOT / argv[1]), *args, "--iterations", "2"], needs_omniglot=omniglot)
+    if argv[1] == "benchmarks/fewshot_decode.py":  # writes its JPEGs under --root (here the run's folder)
+        small = ["--root", "decode", "--classes", "8", "--per-class", "16", "--workers", "1"]
+        return Run([sys.executable, str(ROOT / argv[1]), *argv[2:], *small])
     return f"no scaled-down form for {argv[1]}"
 
 
@@ -134,15 +162,7 @@ def _pytest(argv: list[str]) -> Run | str:
     return f"no scaled-down form for {' '.join(argv)}"
 
 
-FEWSHOT_SKIP = (
-    "needs the dataset's own files, which cannot be downloaded here; tests/test_fewshot_data.py runs train and eval "
-    "through the command line on synthetic files of each layout"
-)
-FEWSHOT = r"(folder|miniimagenet|cifarfs|fc100|cub)\b"
-
 RULES: list[tuple[str, Rule]] = [
-    (rf"(fastmeta|python -m fastmeta) train\b.* --dataset {FEWSHOT}", lambda argv: FEWSHOT_SKIP),
-    (rf"(fastmeta|python -m fastmeta) eval runs/\w+-{FEWSHOT}", lambda argv: FEWSHOT_SKIP),
     (r"(fastmeta|python -m fastmeta) train\b", _train),
     (r"(fastmeta|python -m fastmeta) eval\b", _eval),
     (r"(fastmeta|python -m fastmeta) bench\b", _bench),
@@ -195,7 +215,7 @@ def _ensure_checkpoint(run: Run, workdir: Path) -> None:
     assert m, f"eval of {ckpt}: not a run folder the README's train commands write"
     algo, dataset, n_way, k_shot, _ = m.groups()
     argv = ["fastmeta", "train", "--algo", algo, "--dataset", dataset]
-    if dataset == "omniglot":
+    if dataset != "sinusoid":
         argv += ["--data", "PATH", "--n-way", n_way, "--k-shot", k_shot]
     _execute(_train(argv), workdir)
     assert (workdir / ckpt).exists(), f"training {algo} on {dataset} did not write {ckpt}"
@@ -205,8 +225,9 @@ def _execute(run: Run, workdir: Path) -> subprocess.CompletedProcess:
     if run.needs_omniglot and not OMNIGLOT.exists():
         pytest.skip(f"Omniglot not found at {OMNIGLOT} (set FASTMETA_OMNIGLOT)")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(run.env or {})}
-    p = subprocess.run(run.argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
-    where = f"{shlex.join(run.argv)}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
+    argv = [str(_synthetic(a[len(SYNTHETIC) :], workdir)) if a.startswith(SYNTHETIC) else a for a in run.argv]
+    p = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    where = f"{shlex.join(argv)}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
     assert p.returncode == 0, f"exit status {p.returncode}: {where}"
     assert "Traceback" not in p.stderr, where
     return p
