@@ -172,17 +172,27 @@ class Learner:
         return self.option("eval_inner_steps") is not None
 
 
+# The RGB few-shot datasets (fastmeta.data.load_fewshot): MAML's inner loop as Finn et al. ran it on
+# mini-ImageNet (rate 0.01, 5 steps in training, 10 at test), not Omniglot's single step at 0.4.
+RGB_DATASETS = ("folder", "miniimagenet", "cifarfs", "fc100", "cub")
+
+
+def _rgb(value: object) -> dict[str, object]:
+    return dict.fromkeys(RGB_DATASETS, value)
+
+
 # Options several learners read: declared once, adjusted per learner with Option.but.
 INNER_LR = Option(
-    "inner_lr", float, "inner-loop learning rate", default=0.4, per_dataset={"sinusoid": 0.01},
+    "inner_lr", float, "inner-loop learning rate", default=0.4, per_dataset={"sinusoid": 0.01, **_rgb(0.01)},
     valid=lambda v: v >= 0, bound=">= 0",
 )  # fmt: skip
 INNER_STEPS = Option(
-    "inner_steps", int, "inner steps per task in meta-training", default=1, valid=lambda v: v >= 0, bound=">= 0"
-)
+    "inner_steps", int, "inner steps per task in meta-training", default=1, per_dataset=_rgb(5),
+    valid=lambda v: v >= 0, bound=">= 0",
+)  # fmt: skip
 EVAL_INNER_STEPS = Option(
     "eval_inner_steps", int, "inner steps per task at validation and test (eval --inner-steps overrides)",
-    default=3, per_dataset={"sinusoid": 1}, valid=lambda v: v >= 0, bound=">= 0",
+    default=3, per_dataset={"sinusoid": 1, **_rgb(10)}, valid=lambda v: v >= 0, bound=">= 0",
 )  # fmt: skip
 TRAIN_SHOT = Option(
     "train_shot", int, "support examples per class in training episodes (default: --k-shot; validation uses "
