@@ -208,13 +208,14 @@ def maml_step(
               differentiating each chunk before the next: peak memory of one chunk's graph instead of all T's,
               for about one more forward pass.
             - "steps": second-order memory that does not grow with inner_steps. The inner loop runs without a
-              graph, keeping the fast weights of every ceil(sqrt(inner_steps))-th step; backward rebuilds the
-              query loss's graph, then sweeps the steps in reverse, rebuilding one step's graph at a time (the
-              steps between two kept ones recomputed without a graph first) and taking its vector-Jacobian
-              product with the adjoint of the step's output fast weights: the adjoint of its input fast
-              weights and the gradients of the learned rates and of the shared (non-adapted) parameters. Peak:
-              the query's graph or one step's, whichever is larger, plus about 2 * sqrt(inner_steps) sets of
-              fast weights. Costs about two more inner loops without a graph and one query forward.
+              graph, keeping the fast weights of every ceil(sqrt(inner_steps))-th step and the final query loss's
+              graph; backward differentiates that, then sweeps the steps in reverse, rebuilding one step's graph
+              at a time (the steps between two kept ones recomputed without a graph first) and taking its
+              vector-Jacobian product with the adjoint of the step's output fast weights: the adjoint of its
+              input fast weights and the gradients of the learned rates and of the shared (non-adapted)
+              parameters. Peak: the query's graph or one step's, whichever is larger, plus about
+              2 * sqrt(inner_steps) sets of fast weights. Costs about two more inner loops without a graph
+              (with multi_step_weights, one more query forward per weighted intermediate step).
             - ("steps", k): both, for a peak below one query graph of all T tasks: chunks of k tasks (as k),
               each swept over its steps (as "steps").
     """
@@ -353,9 +354,10 @@ def _checkpoint_interval(inner_steps: int) -> int:
 
 
 class _StepSweep:
-    """maml_step(recompute="steps"): `forward` runs the step without a graph, keeping the fast weights of every
-    `_checkpoint_interval` steps, the final ones and the random state before each random computation; `backward`
-    rebuilds the query loss and then one inner step at a time, in reverse, to compute the meta-gradient."""
+    """maml_step(recompute="steps"): `forward` runs the inner loop without a graph, keeping the fast weights of
+    every `_checkpoint_interval` steps, the final ones with their query loss's graph, and the random state before
+    each random computation; `backward` differentiates the query loss, then rebuilds one inner step at a time, in
+    reverse (and the intermediate query losses of the multi-step loss), to compute the meta-gradient."""
 
     def __init__(
         self,
@@ -393,7 +395,9 @@ class _StepSweep:
         return pred, task_losses(self.loss_fn, pred, self.batch.query_y)
 
     def forward(self) -> Tensor:
-        """The meta-loss, without a graph; in the order of the plain step's random computations."""
+        """The meta-loss, in the order of the plain step's random computations; the inner loop without a graph. The
+        final query loss keeps its graph to those fast weights (as leaves) until backward: it does not grow with
+        the steps, and rebuilding it would cost one more query forward."""
         run, b, start, S = self.run, self.batch, self.start, self.steps
         p = {n: t.detach() for n, t in self.params.items()}
         self.qbody_state = self.rng.get()
@@ -413,11 +417,17 @@ class _StepSweep:
             if s < S - 1 and self.weights[s] != 0:
                 self.query_states[s + 1] = self.rng.get()
                 loss = self.weights[s] * self.query(p, fast, self.qfeat)[1].mean() + (0 if loss is None else loss)
-        self.query_states[S] = self.rng.get()
         self.final = fast
-        self.pred, self.task_losses = self.query(p, fast, self.qfeat)
-        final = self.weights[-1] * self.task_losses.mean()  # (x * 1.0 is x exactly)
+        # Leaves in the features the query losses start from (ANIL: the body's), to collect their adjoints.
+        self.qfeat_leaves, self.qleaves = _activation_leaves(self.qfeat) if start else (self.qfeat, [])
+        with torch.enable_grad():
+            self.final_leaves = [f.detach().requires_grad_() for f in fast] if S else []
+            inputs = self.final_leaves if S else [self.params[n] for n in self.adapted]
+            pred, task_losses = self.query(self.params, inputs, self.qfeat_leaves)
+            self.final_loss = self.weights[-1] * task_losses.mean()  # (x * 1.0 is x exactly)
+        self.pred, self.task_losses = pred.detach(), task_losses.detach()
         self.support_losses = torch.stack(support_losses, 1) if support_losses else b.query_x.new_zeros(b.num_tasks, 0)
+        final = self.final_loss.detach()
         return final if loss is None else loss + final
 
     def output(self, loss: Tensor) -> MAMLOutput:
@@ -437,7 +447,7 @@ class _StepSweep:
         params, tensors = self.params, self.tensors
         meta: list[Tensor | None] = [None] * len(tensors)
         detached = {n: t.detach() for n, t in params.items()}
-        qfeat, qleaves = _activation_leaves(self.qfeat) if start else (self.qfeat, [])
+        qfeat, qleaves = self.qfeat_leaves, self.qleaves
         sfeat, sleaves = _activation_leaves(self.sfeat) if start else (self.sfeat, [])
         qacc: list[Tensor | None] = [None] * len(qleaves)
         sacc: list[Tensor | None] = [None] * len(sleaves)
@@ -460,8 +470,13 @@ class _StepSweep:
             return list(grads[: len(leaves)])
 
         with torch.enable_grad(), self.rng.fork():
-            adjoint = query_adjoint(None if S == 0 else self.final, S)
-            self.final = None
+            grads = _grad(self.final_loss, self.final_leaves + tensors + qleaves, grad)
+            self.final = self.final_loss = self.final_leaves = None  # (frees the query's graph)
+            n = S and len(self.adapted)
+            _accumulate(meta, grads[n : n + len(tensors)])
+            _accumulate(qacc, grads[n + len(tensors) :])
+            adjoint = list(grads[:n])
+            del grads
             for a in reversed(range(0, S, self.every)):
                 stop = min(a + self.every, S)
                 # This segment's fast weights, recomputed without a graph from its checkpoint.
