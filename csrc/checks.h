@@ -7,6 +7,8 @@
 
 #include <ATen/ops/empty.h>
 
+#include "alloc.h"
+
 #include <array>
 #include <sstream>
 #include <tuple>
@@ -147,13 +149,21 @@ inline std::vector<FwuPlan> plan_fast_weight_update_backward(
         grad_outs[i].sizes() == grads[i].sizes(), op, ": grad_outs[", i, "] has shape ",
         shape_str(grad_outs[i].sizes()), ", expected ", shape_str(grads[i].sizes()));
   }
-  auto& [gp, gg, gl, gd] = out;
-  for (size_t i = 0; i < grads.size(); ++i) {
-    if (mask[0]) gp.push_back(at::empty(params[i].sizes(), params[i].options()));
-    if (mask[1]) gg.push_back(at::empty(grads[i].sizes(), grads[i].options()));
-    if (mask[2] && !lrs.empty()) gl.push_back(at::empty(lrs[i].sizes(), lrs[i].options()));
-    if (mask[3] && !decays.empty()) gd.push_back(at::empty(decays[i].sizes(), decays[i].options()));
-  }
+  // The requested gradients, in one allocation (see alloc.h).
+  const std::array<at::TensorList, 4> likes = {params, grads, lrs, decays};
+  std::vector<c10::IntArrayRef> sizes;
+  for (size_t k = 0; k < 4; ++k)
+    if (mask[k])
+      for (const auto& t : likes[k]) sizes.push_back(t.sizes());
+  if (sizes.empty()) return plans;
+  auto all = empty_many(sizes, grads[0].scalar_type(), grads[0].device());
+  auto next = all.begin();
+  std::array<std::vector<at::Tensor>*, 4> lists = {&std::get<0>(out), &std::get<1>(out), &std::get<2>(out), &std::get<3>(out)};
+  for (size_t k = 0; k < 4; ++k)
+    if (mask[k]) {
+      lists[k]->assign(std::make_move_iterator(next), std::make_move_iterator(next + likes[k].size()));
+      next += static_cast<std::ptrdiff_t>(likes[k].size());
+    }
   return plans;
 }
 

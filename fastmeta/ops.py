@@ -72,8 +72,9 @@ def fast_weight_update(
         new fast weights, one (T, *S_i) tensor per parameter. Differentiable w.r.t. params, grads, lr and decay
         (to any order): shared params and broadcast coefficients get gradients reduced to their own shapes.
     """
-    params, grads = list(params), list(grads)
-    if not grads or not _kernels.supports(grads[0].device):
+    params = params if type(params) is list else list(params)
+    grads = grads if type(grads) is list else list(grads)
+    if not grads or not _kernels.runs(grads[0]):
         if grads and _kernels.AVAILABLE:
             _warn_no_kernel(grads[0].device)
         return reference.fast_weight_update(params, grads, lr, decay)
@@ -280,7 +281,7 @@ if _kernels.AVAILABLE:
 
 def _use_kernel(t: Tensor) -> bool:
     """Whether `t`'s op runs the compiled kernel (torch.func transforms run the reference, which they trace)."""
-    if not _kernels.supports(t.device):
+    if not _kernels.runs(t):
         if _kernels.AVAILABLE:
             _warn_no_kernel(t.device)
         return False

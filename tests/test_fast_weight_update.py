@@ -508,3 +508,74 @@ def test_parameters_take_the_kernel_and_get_gradients():
     out = fwu([p], [g], 0.1)
     out[0].sum().backward()
     assert_close(p.grad, torch.full_like(p, 5.0))
+
+
+# --------------------------------------------------------------------------- outputs: one allocation, own tensors
+
+
+@pytest.mark.skipif(not KERNELS, reason="the outputs of the kernels")
+def test_outputs_share_one_allocation_but_are_tensors_of_their_own(device):
+    import copy
+    import io
+    import pickle
+
+    params, grads = make([(300, 100), (7,), (0, 3), (5, 5)], 2, shared=True, device=device)
+    out = fwu(params, grads, 0.1)
+    storages = [o.untyped_storage() for o in out]
+    assert len({s.data_ptr() for s in storages if s.nbytes()}) == 3  # apart, each its own storage
+    assert [s.nbytes() for s in storages] == [o.numel() * o.element_size() for o in out]
+    assert all(o.is_contiguous() and o.data_ptr() % 64 == 0 for o in out if o.numel())
+    want = [o.clone() for o in out]
+    # In-place use of one output leaves the others (and their version counters) alone.
+    versions = [o._version for o in out]
+    out[1].add_(1.0)
+    assert [o._version for o in out] == [versions[0], versions[1] + 1, versions[2], versions[3]]
+    assert_close(out[1], want[1] + 1.0)
+    for o, w in ((out[0], want[0]), (out[3], want[3])):
+        assert_close(o, w)
+    # torch.save and pickle write one output's bytes, not the block's.
+    buf = io.BytesIO()
+    torch.save(out[3], buf)
+    assert len(buf.getvalue()) < 4096 < out[0].numel() * out[0].element_size()
+    assert torch.equal(torch.load(io.BytesIO(buf.getvalue())), out[3])
+    assert torch.equal(pickle.loads(pickle.dumps(out[3].cpu())), out[3].cpu())
+    assert torch.equal(copy.deepcopy(out[3]), out[3])
+    # One output outlives the others (the block is freed with the last of them).
+    keep = out[3]
+    del out, storages
+    junk = [torch.full((300, 100), 7.0, device=device) for _ in range(8)]  # reuse freed memory, if it were
+    assert_close(keep, want[3])
+    del junk
+    # A larger resize is refused cleanly; the same size is fine.
+    with pytest.raises(RuntimeError, match="not resizable"):
+        keep.resize_(1000)
+    keep.resize_(2, 5, 5)
+
+
+@pytest.mark.skipif(not KERNELS, reason="the outputs of the kernels")
+def test_outputs_under_autograd_with_in_place_use():
+    params, grads = make([(4, 3), (3,)], 2, shared=True, requires_grad=True)
+    out = fwu(params, grads, 0.5)
+    loss = (out[1] * out[1]).sum()  # saves out[1] only
+    out[0].mul_(2.0)  # in place on another output: out[1]'s saved value is untouched
+    g = torch.autograd.grad(loss, grads[1])[0]
+    assert_close(g, -0.5 * 2 * out[1])
+    out = fwu(params, grads, 0.5)
+    loss = (out[0] * out[0]).sum()
+    out[0].add_(1.0)  # the saved tensor itself: autograd says so
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, grads[0])
+
+
+@pytest.mark.skipif(not KERNELS, reason="the kernels' backward outputs")
+def test_backward_outputs_are_tensors_of_their_own():
+    params, grads = make([(4, 3), (3,)], 2, shared=False)
+    lrs = [torch.rand(4, 3), torch.rand(3)]
+    gp, gg, gl, gd = torch.ops.fastmeta.fast_weight_update_backward(
+        [torch.ones_like(g) for g in grads], params, grads, lrs, [], 0.0, 1.0, [True, True, True, False]
+    )
+    outs = gp + gg + gl
+    assert gd == [] and len(outs) == 6
+    assert len({o.untyped_storage().data_ptr() for o in outs}) == 6
+    assert [o.untyped_storage().nbytes() for o in outs] == [o.numel() * o.element_size() for o in outs]
+    assert_close(gl[0], -grads[0].sum(0))

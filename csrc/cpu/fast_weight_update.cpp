@@ -130,10 +130,8 @@ std::vector<Tensor> fast_weight_update_cpu(
     at::TensorList params, at::TensorList grads, at::TensorList lrs, at::TensorList decays, double lr,
     double decay) {
   const auto plans = plan_fast_weight_update(params, grads, lrs, decays);
-  std::vector<Tensor> out;
-  out.reserve(plans.size());
-  for (const auto& g : grads) out.push_back(at::empty(g.sizes(), g.options()));
-  if (plans.empty()) return out;
+  if (plans.empty()) return {};
+  const auto out = empty_like_many(grads);
   const auto p = contiguous(params), g = contiguous(grads), l = contiguous(lrs), d = contiguous(decays);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "fast_weight_update_cpu", [&] {
     forward_kernel<scalar_t>(plans, out, p, g, l, d, lr, decay);

@@ -6,6 +6,7 @@
 // (acc type). 0-d (Scalar) lr/decay gradients: one partial sum per block in an acc-type scratch buffer, then a
 // second multi-tensor kernel sums each tensor's partials in a fixed order: deterministic. Arithmetic is not
 // contracted into FMAs, so that results match the CPU kernels bit for bit (except the order of Scalar sums).
+#include <ATen/DeviceGuard.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -257,12 +258,10 @@ std::vector<Tensor> fast_weight_update_cuda(
     at::TensorList params, at::TensorList grads, at::TensorList lrs, at::TensorList decays, double lr,
     double decay) {
   const auto plans = plan_fast_weight_update(params, grads, lrs, decays);
-  std::vector<Tensor> out;
-  out.reserve(plans.size());
-  for (const auto& g : grads) out.push_back(at::empty(g.sizes(), g.options()));
-  if (plans.empty()) return out;
+  if (plans.empty()) return {};
   TORCH_CHECK(grads[0].is_cuda(), "fast_weight_update: the CUDA kernel got tensors on ", grads[0].device());
   const c10::cuda::CUDAGuard guard(grads[0].device());
+  const auto out = empty_like_many(grads);  // under the guard: the caching allocator allocates on the current device
   const auto p = contiguous(params), g = contiguous(grads), l = contiguous(lrs), d = contiguous(decays);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "fast_weight_update_cuda", [&] {
     launch_forward<scalar_t>(plans, out, p, g, l, d, lr, decay);
@@ -526,6 +525,8 @@ BackwardLists fast_weight_update_backward_cuda(
     at::TensorList grad_outs, at::TensorList params, at::TensorList grads, at::TensorList lrs,
     at::TensorList decays, double lr, double decay, std::array<bool, 4> mask) {
   const char* op = "fast_weight_update_backward";
+  // The gradients are allocated while planning, by the caching allocator on the current device: make it theirs.
+  const c10::OptionalDeviceGuard device_guard(at::device_of(grads));
   BackwardLists out;
   const auto plans = plan_fast_weight_update_backward(grad_outs, params, grads, lrs, decays, mask, out);
   auto& [gp, gg, gl, gd] = out;
