@@ -20,6 +20,9 @@ def test_maml_resnet12(benchmark, device, steps, method):
     why = maml_resnet12.missing(method)
     if why is not None:
         pytest.skip(why)
-    fn = maml_resnet12.step(method, maml_resnet12.Config(), steps)
+    # FASTMETA_BENCH_SMALL=1: a toy network, for checking that the suite runs (tests/test_readme.py)
+    small = os.environ.get("FASTMETA_BENCH_SMALL") == "1"
+    config = maml_resnet12.Config(widths=(4, 8, 8, 8), tasks=2) if small else maml_resnet12.Config()
+    fn = maml_resnet12.step(method, config, steps)
     benchmark.group = f"maml ResNet-12 T=4 S={steps} 2nd order"
     benchmark.pedantic(fn, rounds=2, warmup_rounds=1)

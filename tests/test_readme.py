@@ -162,8 +162,9 @@ def _script(argv: list[str]) -> Run | str:
 def _pytest(argv: list[str]) -> Run | str:
     if "tests" in argv:
         return "the test suite itself (.ci/run runs it)"
-    if argv[1:] == ["benchmarks"]:  # every benchmark once, untimed
-        return Run([sys.executable, "-m", "pytest", "-q", "-x", str(ROOT / "benchmarks"), "--benchmark-disable"])
+    if argv[1:] == ["benchmarks"]:  # every benchmark once, untimed, the ResNet-12 ones on a toy network
+        suite = [sys.executable, "-m", "pytest", "-q", "-x", str(ROOT / "benchmarks"), "--benchmark-disable"]
+        return Run(suite, env={"FASTMETA_BENCH_SMALL": "1"})
     pytest.fail(f"README command with no scaled-down form in tests/test_readme.py: {shlex.join(argv)}")
 
 
