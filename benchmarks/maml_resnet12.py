@@ -51,6 +51,7 @@ class Config:
     image_size: int = 32
     tasks: int = 4
     inner_lr: float = 0.1
+    device: str = "cpu"
 
 
 def missing(method: str) -> str | None:
@@ -74,7 +75,7 @@ def make(c: Config, tasks: int | None = None) -> tuple[nn.Module, fastmeta.TaskB
     qx = torch.rand(T, N_WAY * QUERIES, 3, c.image_size, c.image_size, generator=g)
     sy = torch.arange(N_WAY).repeat_interleave(K_SHOT).repeat(T, 1)
     qy = torch.arange(N_WAY).repeat_interleave(QUERIES).repeat(T, 1)
-    return model, fastmeta.TaskBatch(sx, sy, qx, qy)
+    return model.to(c.device), fastmeta.TaskBatch(sx, sy, qx, qy).to(c.device)
 
 
 def _batch_norm(x: Tensor, w: Tensor, b: Tensor, eps: float = 1e-5) -> Tensor:
@@ -193,10 +194,18 @@ def _status(key: str) -> int:
 
 
 def measure_memory(method: str, c: Config, steps: int) -> int:
-    """(In the row's own process.) Peak bytes of one meta-step over the resident set before it."""
+    """(In the row's own process.) Peak bytes of one meta-step over the resident set before it (on a GPU: over
+    the memory allocated before it)."""
     step(method, c, 1, tasks=1)()  # loads the code and libraries used on first call
     run = step(method, c, steps)
     gc.collect()
+    if c.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident set
@@ -230,7 +239,7 @@ def run(
                 print(f"skipped {m}: {missing(m)}", file=sys.stderr)
         calls = {m: step(m, c, s) for m in ready}
         loss = {m: f() for m, f in calls.items()}  # also a warm-up
-        medians = bench.interleaved_medians(calls, "cpu", min_time, rounds, max_reps=20, min_reps=1, warmup=0)
+        medians = bench.interleaved_medians(calls, c.device, min_time, rounds, max_reps=20, min_reps=1, warmup=0)
         for m in ready:
             row = {"steps": s, "method": m, "seconds": medians[m], "loss": loss[m]}
             if memory:
@@ -243,7 +252,7 @@ def run(
 def table(c: Config, rows: list[dict]) -> str:
     """Markdown, with each method's time and memory against fastmeta's on the same S."""
     size = f"3x{c.image_size}x{c.image_size}"
-    head = f"ResNet-12 {'-'.join(map(str, c.widths))}, {size}, T={c.tasks}, 5-way 1-shot 15q, second order"
+    head = f"ResNet-12 {'-'.join(map(str, c.widths))}, {size}, T={c.tasks}, 5-way 1-shot 15q, second order, {c.device}"
     lines = [
         head,
         "",
@@ -273,6 +282,7 @@ def main() -> None:
     p.add_argument("--min-time", type=float, default=2.0, help="seconds per method and round, at least one step")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (peak memory: CUDA's allocated bytes)")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--row", nargs=2, metavar=("METHOD", "S"), help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
@@ -284,7 +294,7 @@ def main() -> None:
         print(measure_memory(a.row[0], c, int(a.row[1])))
         return
     bench.keep_freed_memory()
-    c = Config(tuple(a.widths), a.image_size, a.tasks)
+    c = Config(tuple(a.widths), a.image_size, a.tasks, device=a.device)
     rows = run(c, a.steps, a.methods, not a.no_memory, a.min_time, a.rounds, a.threads)
     print(table(c, rows))
     if a.json:
