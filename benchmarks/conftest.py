@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastmeta import bench
+from fastmeta._bench import kernels as bench
 
 bench.keep_freed_memory()  # see its docstring: timings without page-fault luck
 

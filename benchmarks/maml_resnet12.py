@@ -14,7 +14,7 @@ query loss, and its gradient to the model's parameters. Methods:
   higher       higher.innerloop_ctx with a differentiable SGD, per task
   torchopt     torchopt.MetaSGD per task, extract/recover_state_dict, backward per task (its MAML example)
 A peer that is not installed is skipped with the reason. Seconds: median over interleaved rounds in this process
-(glibc keeps freed memory, see fastmeta.bench.keep_freed_memory). Peak memory: in a fresh process per row (this
+(glibc keeps freed memory, see fastmeta._bench.kernels.keep_freed_memory). Peak memory: in a fresh process per row (this
 script with --row): after a small warm-up step, the high-water mark of the resident set over the resident set
 just before the step (glibc told to return freed blocks above 128 KiB, so the resident set follows what is
 alive). The loss column shows that every method computes the same meta-loss.
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 import fastmeta
-from fastmeta import bench
+from fastmeta._bench import kernels as bench
 from fastmeta.models import ResNet12
 
 METHODS = ("fastmeta", "loop", "vmap", "learn2learn", "higher", "torchopt")

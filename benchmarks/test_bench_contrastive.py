@@ -4,7 +4,7 @@ the reference. Run: pytest benchmarks --benchmark-group-by=group [--device cuda]
 import pytest
 import torch
 
-from fastmeta import bench
+from fastmeta._bench import kernels as bench
 
 
 @pytest.mark.parametrize("method", ["fastmeta", "reference", "torch.compile(reference)"])

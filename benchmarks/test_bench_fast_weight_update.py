@@ -4,7 +4,7 @@ op over pre-flattened buffers. Run: pytest benchmarks --benchmark-group-by=group
 import pytest
 import torch
 
-from fastmeta import bench
+from fastmeta._bench import kernels as bench
 
 
 @pytest.mark.parametrize("method", ["fastmeta", "reference", "loop", "foreach", "flat"])

@@ -4,7 +4,7 @@ tasks, query loss, backward). Run: pytest benchmarks/test_bench_maml.py --benchm
 import pytest
 import torch
 
-from fastmeta import bench_maml
+from fastmeta._bench import maml as bench_maml
 
 
 @pytest.mark.parametrize("method", bench_maml.METHODS + ("fastmeta recompute",))

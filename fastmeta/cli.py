@@ -20,7 +20,7 @@ import torch
 
 def _bench(args: argparse.Namespace) -> int:
     import fastmeta
-    from fastmeta import bench
+    from fastmeta._bench import kernels as bench
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
@@ -34,7 +34,7 @@ def _bench(args: argparse.Namespace) -> int:
     )
     if args.malloc == "warm" and args.device == "cpu":
         print(
-            "glibc keeps freed memory in this process (see fastmeta.bench.keep_freed_memory):",
+            "glibc keeps freed memory in this process (see fastmeta._bench.kernels.keep_freed_memory):",
             bench.keep_freed_memory(),
         )
     rows: list[dict] = []
@@ -52,7 +52,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(bench.format_table(more))
         rows += more
     if args.op in ("all", "maml"):
-        from fastmeta import bench_maml
+        from fastmeta._bench import maml as bench_maml
 
         names = [n for n in args.maml_workloads.split(",") if n]
         unknown = sorted(set(names) - {w.name for w in bench_maml.WORKLOADS})
@@ -74,16 +74,7 @@ def _bench(args: argparse.Namespace) -> int:
         rows += maml_rows
     if args.device.startswith("cuda") and args.op in ("all", "fast_weight_update"):
         print("\nforward bandwidth (bytes read and written at least / median time) against a same-sized copy:\n")
-        print("| workload | fastmeta | copy | fastmeta / copy |\n|---|---:|---:|---:|")
-        for w in workloads:
-            t = next(
-                r["seconds"]
-                for r in rows
-                if r["workload"] == w.label and r["mode"] == "forward" and r["method"] == "fastmeta"
-            )
-            moved = bench.bytes_moved(w)
-            copy = bench.copy_bandwidth(moved // 8, args.device)  # a copy of moved/2 bytes moves `moved` bytes
-            print(f"| {w.label} | {moved / t / 1e9:.0f} GB/s | {copy / 1e9:.0f} GB/s | {moved / t / copy:.0%} |")
+        print(bench.bandwidth_table(rows, workloads, args.device))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "torch": torch.__version__, "rows": rows}, f, indent=1)

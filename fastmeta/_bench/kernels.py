@@ -6,11 +6,7 @@
 from __future__ import annotations
 
 import ctypes
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,11 +15,13 @@ import torch
 from torch import Tensor
 
 from fastmeta import ops, reference
+from fastmeta._bench.memory import step_peak_memory
+from fastmeta.models import MLP, Conv4
 
-# Conv4 (4 x [conv3x3 64, BatchNorm, ReLU, maxpool] on 1x28x28, 5-way head): 18 tensors, 112,261 floats.
-CONV4_SHAPES = [(64, 1, 3, 3), (64,), (64,), (64,)] + [(64, 64, 3, 3), (64,), (64,), (64,)] * 3 + [(5, 64), (5,)]
-# MLP 1-40-40-1 of the sinusoid regression benchmark: 6 tensors, 1,761 floats.
-MLP_SHAPES = [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)]
+# The parameters of fastmeta.models.Conv4 (4 x [conv3x3 64, BatchNorm, ReLU, maxpool] on 1x28x28, 5-way head):
+# 18 tensors, 112,261 floats; and of the sinusoid MLP 1-40-40-1: 6 tensors, 1,761 floats.
+CONV4_SHAPES = [tuple(p.shape) for p in Conv4(5, in_channels=1, hidden=64, image_size=28).parameters()]
+MLP_SHAPES = [tuple(p.shape) for p in MLP((1, 40, 40, 1)).parameters()]
 
 
 @dataclass(frozen=True)
@@ -271,52 +269,7 @@ def all_pairs_step(method: str, N: int, D: int, device: str) -> Callable[[], Non
 def peak_memory(method: str, N: int, D: int, device: str) -> int:
     """Peak memory (bytes) of one all-pairs forward+backward over what its inputs already hold (see
     step_peak_memory)."""
-    return step_peak_memory(
-        lambda: all_pairs_step(method, N, D, device),
-        device,
-        f"bench.all_pairs_step({method!r}, {N}, {D}, 'cpu')",
-        f"bench.all_pairs_step({method!r}, 64, {D}, 'cpu')",
-    )
-
-
-def step_peak_memory(make: Callable[[], Callable[[], object]], device: str, step_code: str, warmup_code: str) -> int:
-    """Peak memory (bytes) of one call of the step that `make()` returns, over what was resident before it.
-
-    CUDA: in this process, the caching allocator's peak. CPU: in a fresh process (so that earlier work does
-    not hide the peak), the peak resident set over the resident set just before the call, after one call of a
-    small warm-up step so that code and libraries loaded on first use are not counted. There the steps are
-    the Python expressions `step_code` and `warmup_code` (with `bench` and `bench_maml` imported)."""
-    if device.startswith("cuda"):
-        step = make()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated(device) - base
-    # VmHWM, not ru_maxrss: the latter survives exec and would report the parent's size at fork.
-    code = (
-        "from fastmeta import bench, bench_maml\n"
-        "def status(key):\n"
-        "    line = next(x for x in open('/proc/self/status') if x.startswith(key))\n"
-        "    return int(line.split()[1]) * 1024\n"
-        f"({warmup_code})()\n"
-        f"step = {step_code}\n"
-        "try:\n"
-        "    open('/proc/self/clear_refs', 'w').write('5')\n"  # resets VmHWM to the current resident set
-        "except OSError:\n"
-        "    pass\n"
-        "base = status('VmRSS:')\n"
-        "step()\n"
-        "print(status('VmHWM:') - base)\n"
-    )
-    # The child imports this very fastmeta (not a source folder that happens to be its working directory).
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": pkg_parent}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd=tempfile.gettempdir()
-    )
-    return int(out.stdout.strip().splitlines()[-1])
+    return step_peak_memory(device, "all_pairs", method=method, N=N, D=D)
 
 
 def run_contrastive(
@@ -348,3 +301,17 @@ def run_contrastive(
                 row["peak_bytes"] = peak_memory(method, N, EMBED_DIM, device)
             rows.append(row)
     return rows
+
+
+def bandwidth_table(rows: list[dict], workloads: list[Workload], device: str) -> str:
+    """Markdown: fastmeta's forward bandwidth on each workload (bytes read and written at least / its median time
+    in `rows`) against a copy of the same bytes on `device`."""
+    lines = ["| workload | fastmeta | copy | fastmeta / copy |", "|---|---:|---:|---:|"]
+    for w in workloads:
+        t = next(
+            r["seconds"] for r in rows if (r["workload"], r["mode"], r["method"]) == (w.label, "forward", "fastmeta")
+        )
+        moved = bytes_moved(w)
+        copy = copy_bandwidth(moved // 8, device)  # a copy of moved/2 bytes moves `moved` bytes
+        lines.append(f"| {w.label} | {moved / t / 1e9:.0f} GB/s | {copy / 1e9:.0f} GB/s | {moved / t / copy:.0%} |")
+    return "\n".join(lines)

@@ -15,7 +15,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 import fastmeta
-from fastmeta.bench import interleaved_medians, step_peak_memory
+from fastmeta._bench.kernels import interleaved_medians
+from fastmeta._bench.memory import step_peak_memory
+from fastmeta.models import MLP, Conv4
 
 METHODS = ("fastmeta", "loop", "vmap")
 RECOMPUTE = 8  # "fastmeta recompute": maml_step(recompute=8), chunks of 8 tasks under activation checkpointing
@@ -53,19 +55,6 @@ WORKLOADS = [
 ]
 
 
-def conv4(n_way: int = 5, channels: int = 64) -> nn.Sequential:
-    """The standard few-shot backbone: 4 x [conv3x3, BatchNorm (batch statistics), ReLU, maxpool 2], linear head."""
-    layers: list[nn.Module] = []
-    for i in range(4):
-        layers += [nn.Conv2d(1 if i == 0 else channels, channels, 3, padding=1)]
-        layers += [nn.BatchNorm2d(channels, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2)]
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels, n_way))
-
-
-def mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
-
-
 def make(w: MamlWorkload, device: str, tasks: int | None = None) -> tuple[nn.Module, fastmeta.TaskBatch, Callable]:
     """(model, batch, loss_fn) of workload `w` with random data (timings do not depend on the values)."""
     g = torch.Generator().manual_seed(0)
@@ -75,10 +64,10 @@ def make(w: MamlWorkload, device: str, tasks: int | None = None) -> tuple[nn.Mod
         amp, phase = torch.rand(T, 1, 1, generator=g) * 4.9 + 0.1, torch.rand(T, 1, 1, generator=g) * torch.pi
         sx, qx = torch.rand(T, 10, 1, generator=g) * 10 - 5, torch.rand(T, 10, 1, generator=g) * 10 - 5
         batch = fastmeta.TaskBatch(sx, amp * torch.sin(sx - phase), qx, amp * torch.sin(qx - phase))
-        return mlp().to(device), batch.to(device), F.mse_loss
+        return MLP((1, 40, 40, 1)).to(device), batch.to(device), F.mse_loss
     sx, qx = torch.randn(T, 5, 1, 28, 28, generator=g), torch.randn(T, 75, 1, 28, 28, generator=g)
     sy, qy = torch.arange(5).repeat(T, 1), torch.arange(5).repeat_interleave(15).repeat(T, 1)
-    return conv4().to(device), fastmeta.TaskBatch(sx, sy, qx, qy).to(device), F.cross_entropy
+    return Conv4(5).to(device), fastmeta.TaskBatch(sx, sy, qx, qy).to(device), F.cross_entropy
 
 
 def loop_step(model: nn.Module, b: fastmeta.TaskBatch, lr: float, steps: int, first_order: bool, loss_fn) -> Tensor:  # noqa: ANN001
@@ -111,7 +100,7 @@ def _conv4_functional(p: list[Tensor], x: Tensor) -> Tensor:
 def vmap_step(model: nn.Module, b: fastmeta.TaskBatch, lr: float, steps: int, first_order: bool, loss_fn) -> Tensor:  # noqa: ANN001
     """torch.func's MAML: vmap over tasks of an inner loop of torch.func.grad steps."""
     names = [n for n, _ in model.named_parameters()]
-    conv = isinstance(model[0], nn.Conv2d)
+    conv = isinstance(model, Conv4)
 
     def forward(p: list[Tensor], x: Tensor) -> Tensor:
         return _conv4_functional(p, x) if conv else functional_call(model, dict(zip(names, p)), (x,))
@@ -145,13 +134,9 @@ def step(method: str, w: MamlWorkload, device: str, tasks: int | None = None) ->
 
 
 def peak_memory(method: str, w: MamlWorkload, device: str) -> int:
-    """Peak memory (bytes) of one meta-step over what was resident before it (see bench.step_peak_memory)."""
-    workload = f"bench_maml.MamlWorkload({w.name!r}, {w.tasks}, {w.inner_steps}, {w.first_order})"
+    """Peak memory (bytes) of one meta-step over what was resident before it (see memory.step_peak_memory)."""
     return step_peak_memory(
-        lambda: step(method, w, device),
-        device,
-        f"bench_maml.step({method!r}, {workload}, 'cpu')",
-        f"bench_maml.step({method!r}, {workload}, 'cpu', tasks=2)",
+        device, "maml", method=method, name=w.name, tasks=w.tasks, inner_steps=w.inner_steps, first_order=w.first_order
     )
 
 

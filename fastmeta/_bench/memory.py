@@ -1,0 +1,83 @@
+"""Peak memory of one benchmark step. CUDA: in this process, the caching allocator's peak. CPU: in a fresh process
+(`python -m fastmeta._bench.memory KIND ARGS`, so that earlier work does not hide the peak): the peak resident
+set over the resident set just before the step, after one call of a small warm-up step so that code and
+libraries loaded on first use are not counted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+
+import torch
+
+Step = Callable[[], object]
+
+
+def _all_pairs(warmup: bool, device: str, method: str, N: int, D: int) -> Step:
+    from fastmeta._bench.kernels import all_pairs_step
+
+    return all_pairs_step(method, 64 if warmup else N, D, device)
+
+
+def _maml(warmup: bool, device: str, method: str, name: str, tasks: int, inner_steps: int, first_order: bool) -> Step:
+    from fastmeta._bench.maml import MamlWorkload, step
+
+    return step(method, MamlWorkload(name, tasks, inner_steps, first_order), device, tasks=2 if warmup else None)
+
+
+# KIND -> make(warmup, device, **args): the step whose memory is measured (warmup: a small one of the same code).
+STEPS: dict[str, Callable[..., Step]] = {"all_pairs": _all_pairs, "maml": _maml}
+
+
+def step_peak_memory(device: str, kind: str, **args: object) -> int:
+    """Peak bytes of one call of the STEPS[kind] step made from `args`, over what was resident before it."""
+    if device.startswith("cuda"):
+        run = STEPS[kind](False, device, **args)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(device) - base
+    # The child imports this very fastmeta (not a source folder that happens to be its working directory).
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": pkg_parent}
+    out = subprocess.run(
+        [sys.executable, "-m", "fastmeta._bench.memory", kind, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tempfile.gettempdir(),
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe {kind} {args} failed:\n{out.stderr[-3000:]}")
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(x for x in f if x.startswith(key + ":")).split()[1]) * 1024
+
+
+def main(argv: list[str]) -> None:
+    """(In the fresh process.) Prints the peak bytes of the step KIND made from the JSON ARGS."""
+    make, args = STEPS[argv[0]], json.loads(argv[1])
+    make(True, "cpu", **args)()
+    step = make(False, "cpu", **args)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+    except OSError:
+        pass
+    # VmHWM, not ru_maxrss: the latter survives exec and would report the parent's size at fork.
+    base = _status("VmRSS")
+    step()
+    print(_status("VmHWM") - base)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
