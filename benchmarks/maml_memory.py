@@ -30,12 +30,14 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 import fastmeta
+from fastmeta._bench.memory import resident_peak
 from fastmeta.models import Conv4, ResNet12
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from maml_resnet12 import _loop_loss  # noqa: E402  (the same per-task loop as the ResNet-12 table)
 
 METHODS = ("plain", "steps", "chunks", "steps+chunks", "loop")
 
@@ -51,13 +53,6 @@ SMALL = {
 N_WAY, K_SHOT, QUERIES = 5, 1, 15
 
 
-def status(key: str) -> int:
-    """A size field of /proc/self/status (VmRSS, VmHWM), in bytes."""
-    with open("/proc/self/status") as f:
-        line = next(x for x in f if x.startswith(key + ":"))
-    return int(line.split()[1]) * 1024
-
-
 def batch(channels: int, size: int, tasks: int) -> fastmeta.TaskBatch:
     """Random 5-way 1-shot episodes with 15 queries per class (timings and memory do not depend on the values)."""
     g = torch.Generator().manual_seed(0)
@@ -68,20 +63,6 @@ def batch(channels: int, size: int, tasks: int) -> fastmeta.TaskBatch:
     return fastmeta.TaskBatch(sx, sy, qx, qy)
 
 
-def loop_loss(model: nn.Module, b: fastmeta.TaskBatch, lr: float, steps: int) -> Tensor:
-    """The usual per-task loop, second order: every task's graph is alive until the mean loss is differentiated."""
-    params = dict(model.named_parameters())
-    losses = []
-    for t in range(b.num_tasks):
-        fast = params
-        for _ in range(steps):
-            loss = F.cross_entropy(functional_call(model, fast, (b.support_x[t],)), b.support_y[t])
-            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
-            fast = {n: p - lr * g for (n, p), g in zip(fast.items(), grads)}
-        losses.append(F.cross_entropy(functional_call(model, fast, (b.query_x[t],)), b.query_y[t]))
-    return torch.stack(losses).mean()
-
-
 def meta_step(method: str, model: nn.Module, b: fastmeta.TaskBatch, lr: float, steps: int, k: int) -> Callable:
     """One meta-step by `method`: the loss, then its gradient to the model's parameters (returned)."""
     recompute = {"plain": None, "steps": "steps", "chunks": k, "steps+chunks": ("steps", k)}
@@ -89,7 +70,7 @@ def meta_step(method: str, model: nn.Module, b: fastmeta.TaskBatch, lr: float, s
 
     def run() -> tuple[Tensor, ...]:
         if method == "loop":
-            loss = loop_loss(model, b, lr, steps)
+            loss = _loop_loss(model, b, lr, steps)
         else:
             loss = fastmeta.maml_step(model, b, lr, steps, recompute=recompute[method]).loss
         return torch.autograd.grad(loss, params)
@@ -108,16 +89,9 @@ def measure_row(name: str, method: str, steps: int, small: bool, repeats: int) -
     step = meta_step(method, model, b, lr, steps, k)
     del warm
     gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-    except OSError:
-        pass
-    base = status("VmRSS")
     t0 = time.perf_counter()
-    grads = step()
+    peak, grads = resident_peak(step)
     seconds = [time.perf_counter() - t0]
-    peak = status("VmHWM") - base
     del grads
     for _ in range(repeats - 1):
         t0 = time.perf_counter()

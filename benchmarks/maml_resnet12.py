@@ -38,6 +38,7 @@ from torch.func import functional_call, grad, vmap
 
 import fastmeta
 from fastmeta._bench import kernels as bench
+from fastmeta._bench.memory import resident_peak
 from fastmeta.models import ResNet12
 
 METHODS = ("fastmeta", "loop", "vmap", "learn2learn", "higher", "torchopt")
@@ -188,11 +189,6 @@ def step(method: str, c: Config, steps: int, tasks: int | None = None) -> Callab
     return run
 
 
-def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(next(x for x in f if x.startswith(key + ":")).split()[1]) * 1024
-
-
 def measure_memory(method: str, c: Config, steps: int) -> int:
     """(In the row's own process.) Peak bytes of one meta-step over the resident set before it (on a GPU: over
     the memory allocated before it)."""
@@ -206,14 +202,7 @@ def measure_memory(method: str, c: Config, steps: int) -> int:
         run()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-    except OSError:
-        pass
-    base = _status("VmRSS")
-    run()
-    return _status("VmHWM") - base
+    return resident_peak(run)[0]
 
 
 def peak_memory(method: str, c: Config, steps: int, threads: int | None) -> int:

@@ -63,11 +63,9 @@ def _status(key: str) -> int:
         return int(next(x for x in f if x.startswith(key + ":")).split()[1]) * 1024
 
 
-def main(argv: list[str]) -> None:
-    """(In the fresh process.) Prints the peak bytes of the step KIND made from the JSON ARGS."""
-    make, args = STEPS[argv[0]], json.loads(argv[1])
-    make(True, "cpu", **args)()
-    step = make(False, "cpu", **args)
+def resident_peak(step: Callable[[], object]) -> tuple[int, object]:
+    """(peak resident bytes of step() in this process over the resident set just before it, its result). Run it
+    in a fresh process after a small warm-up, so that earlier work and first-use loading are not counted."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident set
@@ -75,8 +73,15 @@ def main(argv: list[str]) -> None:
         pass
     # VmHWM, not ru_maxrss: the latter survives exec and would report the parent's size at fork.
     base = _status("VmRSS")
-    step()
-    print(_status("VmHWM") - base)
+    out = step()
+    return _status("VmHWM") - base, out
+
+
+def main(argv: list[str]) -> None:
+    """(In the fresh process.) Prints the peak bytes of the step KIND made from the JSON ARGS."""
+    make, args = STEPS[argv[0]], json.loads(argv[1])
+    make(True, "cpu", **args)()
+    print(resident_peak(make(False, "cpu", **args))[0])
 
 
 if __name__ == "__main__":
