@@ -67,32 +67,25 @@ def _pretrain(config: Settings, model: nn.Module, aux: nn.Module | None, batch: 
     return maml_step(model, every_point, config.inner_lr, 0, False, config.loss_fn)
 
 
-MAML = Learner(
-    name="maml",
-    summary="MAML (Finn et al. 2017), second order",
-    options=GRADIENT_OPTIONS,
-    objective=_maml(first_order=False),
-    predict=predict_by_adapting,
-    build=build_with_head,
-    after_step=zero_head_after_step,
-)
-FOMAML = Learner(
-    name="fomaml",
-    summary="first-order MAML",
-    options=GRADIENT_OPTIONS,
-    objective=_maml(first_order=True),
-    predict=predict_by_adapting,
-    build=build_with_head,
-    after_step=zero_head_after_step,
-)
-METASGD = Learner(
-    name="metasgd",
-    summary="Meta-SGD (Li et al. 2017): learned per-element inner rates, starting at --inner-lr",
-    options=GRADIENT_OPTIONS,
-    objective=_maml(first_order=False),
-    predict=predict_by_adapting,
+def _gradient_learner(name: str, summary: str, first_order: bool = False, build=build_with_head) -> Learner:  # noqa: ANN001
+    """A learner of the MAML family: maml_step in training, adaptation at test, the zeroing trick's hook."""
+    return Learner(
+        name=name,
+        summary=summary,
+        options=GRADIENT_OPTIONS,
+        objective=_maml(first_order=first_order),
+        predict=predict_by_adapting,
+        build=build,
+        after_step=zero_head_after_step,
+    )
+
+
+MAML = _gradient_learner("maml", "MAML (Finn et al. 2017), second order")
+FOMAML = _gradient_learner("fomaml", "first-order MAML", first_order=True)
+METASGD = _gradient_learner(
+    "metasgd",
+    "Meta-SGD (Li et al. 2017): learned per-element inner rates, starting at --inner-lr",
     build=_build_metasgd,
-    after_step=zero_head_after_step,
 )
 PRETRAIN = Learner(
     name="pretrain",
