@@ -218,6 +218,24 @@ def test_nchw_layout_matches_loop(first_order, monkeypatch):
     assert_grads_close(grads_of(out.loss, params), grads_of(want, params))
 
 
+@pytest.mark.parametrize("first_order", [False, True], ids=["2nd", "1st"])
+def test_grouped_then_per_task_nchw_matches_loop(first_order, monkeypatch):
+    """Small support sets: grouped convolutions on the large maps, then per task in NCHW on the wide tiny ones
+    (ResNet-12's last blocks at full width), so activations go from the grouped layout to per-task tensors."""
+    monkeypatch.setattr(_batched, "NCHW_MAX_PIXELS", 16)  # 4x4 maps and smaller: blocks 3 and 4 of a 16x16 input
+    monkeypatch.setattr(_batched, "NCHW_MIN_CHANNELS", 3)
+    groups = []
+    conv = _batched._Conv.conv
+    monkeypatch.setattr(_batched._Conv, "conv", lambda self, x, w, b, g: groups.append(g) or conv(self, x, w, b, g))
+    model, batch = resnet12(), batch_of((1, 16, 16))
+    params = list(model.parameters())
+    out = fastmeta.maml_step(model, batch, 0.3, 2, first_order, strategy="batched")
+    assert 2 in groups and 1 in groups  # both layouts ran
+    want = loop_meta_loss(model, batch, 0.3, 2, first_order)
+    assert_close(out.loss, want, rtol=1e-10, atol=0)
+    assert_grads_close(grads_of(out.loss, params), grads_of(want, params))
+
+
 @pytest.mark.parametrize("kind", ["metasgd", "lslr"])
 @pytest.mark.parametrize("name", ["resnet12", "functional"])
 def test_learned_learning_rates(name, kind, layout):

@@ -58,12 +58,25 @@ GROUPED_MAX_EXAMPLES = 16
 # Except on wide, tiny maps, where oneDNN's channels-last convolution is the slower one: a 3x3 convolution
 # forward + backward of 75 images at 4x4, 320 -> 640 and 640 -> 640 channels, took 1.2x-1.5x as long in
 # channels-last as in NCHW (2-core CPU, 1 and 2 threads; ResNet-12's last block); at 8x8 they were even, at 16x16
-# and above channels-last won. Conv4's 64-channel layers never reach this.
+# and above channels-last won. Conv4's 64-channel layers never reach this. Such convolutions also run per task
+# on small sets rather than grouped: 4 tasks of 5 images at 4x4, 640 -> 640 channels, forward + backward took
+# 156 ms grouped and 101 ms per task in NCHW, and a ResNet-12 second-order step (T=4, S=1) went from 7.04 to
+# 6.86 s (medians of 4 interleaved runs, 2026-11-30).
 NCHW_MAX_PIXELS, NCHW_MIN_CHANNELS = 16, 256
 # The layout choice is per device. On CUDA every convolution runs as one grouped convolution over all tasks,
 # whatever the set size: that is what vmap does, and vmap beat the per-task runner on an H100's Conv4 rows. Not
 # measured here (no GPU): a switch to revisit with measurements, not a measured choice like the CPU's.
 GROUPED_ALWAYS = {"cuda"}
+
+
+def _wide_tiny(x: Activation, in_channels: int) -> bool:
+    """Whether a 2-d convolution of in_channels on x runs best in NCHW on this CPU (see NCHW_MAX_PIXELS)."""
+    if not isinstance(x, Grouped) and len(x) == 0:
+        return False
+    t = x.x if isinstance(x, Grouped) else x[0]
+    if t.device.type != "cpu" or t.dim() != 4:
+        return False
+    return t.shape[2] * t.shape[3] <= NCHW_MAX_PIXELS and in_channels >= NCHW_MIN_CHANNELS
 
 
 def _grouped_layout(x: Activation) -> bool:
@@ -171,17 +184,14 @@ class _Linear(_Layer):
 class _Conv(_Layer):
     def __call__(self, x: Activation, params: dict[str, Tensor], T: int, twice: bool) -> Activation:
         m = self.module
-        if _grouped_layout(x):
+        wide_tiny = _wide_tiny(x, m.in_channels)
+        if _grouped_layout(x) and not wide_tiny:
             w = _grouped_param(params, self.prefix + "weight", m.weight, T)
             b = _grouped_param(params, self.prefix + "bias", m.bias, T)
             return Grouped(self.conv(Grouped.of(x, T).x, w, b, m.groups * T), T)
         xs = _tasks(x)
         if xs and xs[0].device.type == "cpu" and xs[0].dim() == 4:
-            h, w = xs[0].shape[2:]
-            if h * w <= NCHW_MAX_PIXELS and m.in_channels >= NCHW_MIN_CHANNELS:
-                xs = [t.contiguous() for t in xs]
-            else:
-                xs = [_channels_last(t) for t in xs]
+            xs = [t.contiguous() if wide_tiny else _channels_last(t) for t in xs]
         ws = _split(params, self.prefix + "weight", m.weight, T)
         bs = _split(params, self.prefix + "bias", m.bias, T)
         return [self.conv(t, w, b, m.groups) for t, w, b in zip(xs, ws, bs)]
