@@ -1,6 +1,7 @@
 """fastmeta.data (episodes, sinusoid, Omniglot), fastmeta.models and reptile_step."""
 
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -167,6 +168,50 @@ def test_omniglot_reads_folders_and_zips(tmp_path, zipped):
     assert 0 < data.images.float().mean() < 255 * 0.3  # ink (10% of pixels) is high, paper 0
     cached = load_omniglot(tmp_path / "data", image_size=28, cache_dir=tmp_path / "cache")
     assert torch.equal(cached.images, data.images) and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+
+
+def _png_bytes() -> bytes:
+    """A real 105x105 black-and-white PNG, as the Omniglot files are."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(1).random((105, 105)) > 0.1).astype(np.uint8) * 255).convert("1").save(
+        buf, format="PNG"
+    )
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "not-an-image"])
+@pytest.mark.parametrize("zipped", [False, True], ids=["torchvision-folder", "zips"])
+def test_omniglot_corrupt_png_is_named_and_nothing_cached(tmp_path, zipped, damage):
+    """A PNG that does not decode, inside a valid zip or in the extracted folders: a ValueError naming the file
+    (the member and its zip) and what is wrong, not Pillow's traceback, and no cache file."""
+    _fake_omniglot(tmp_path / "data", zipped)
+    member = "images_evaluation/Beta/character02/0007_08.png"  # the second set: the first decoded already
+    bad = {
+        "garbage": b"\x89PNG\r\n\x1a\n" + b"garbage" * 8,  # a PNG signature, then nothing of a PNG
+        "truncated": _png_bytes()[:300],  # a real PNG cut short
+        "not-an-image": b"<html>404</html>",  # what Pillow cannot identify
+    }[damage]
+    if zipped:
+        path = tmp_path / "data" / "images_evaluation.zip"
+        with zipfile.ZipFile(path) as z:
+            files = {info.filename: z.read(info) for info in z.infolist()}
+        files[member] = bad
+        with zipfile.ZipFile(path, "w") as z:  # a valid zip, one member of which is not a readable PNG
+            for name, content in files.items():
+                z.writestr(name, content)
+        where = f"{member} in {path}"
+    else:
+        path = tmp_path / "data" / "omniglot-py" / member
+        path.write_bytes(bad)
+        where = str(path)
+    why = {"garbage": ".+", "truncated": ".*truncated", "not-an-image": "not an image Pillow can identify"}[damage]
+    with pytest.raises(ValueError, match=f"^cannot decode image {re.escape(where)} \\({why}\\): "):
+        load_omniglot(tmp_path / "data", image_size=28, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # no file, no temporary
 
 
 def test_omniglot_missing_folder_says_where_it_looked(tmp_path):

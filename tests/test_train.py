@@ -429,6 +429,33 @@ def test_corrupt_omniglot_zip_is_named(tmp_path, capsys, monkeypatch):
     assert not out.exists()  # a run that fails before its first step leaves no folder
 
 
+def test_corrupt_png_in_a_valid_omniglot_zip_is_named(tmp_path, capsys, monkeypatch):
+    """A zip that reads, one PNG of which does not decode: one line naming the member and the zip, exit status 2,
+    no run folder and no cache file."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    monkeypatch.setenv("FASTMETA_CACHE", str(tmp_path / "cache"))
+    buf = io.BytesIO()
+    Image.new("1", (105, 105), 1).save(buf, format="PNG")
+    data = tmp_path / "omniglot"
+    data.mkdir()
+    for s in ("images_background", "images_evaluation"):
+        with zipfile.ZipFile(data / f"{s}.zip", "w") as z:
+            z.writestr(f"{s}/Alpha/character01/0001_01.png", buf.getvalue())
+            if s == "images_background":
+                z.writestr(f"{s}/Alpha/character01/0001_02.png", b"\x89PNG\r\n\x1a\n" + b"garbage" * 8)
+    out = tmp_path / "run"
+    code, _, err = run(["train", "--dataset", "omniglot", "--data", str(data), "--out", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    where = f"images_background/Alpha/character01/0001_02.png in {data / 'images_background.zip'}"
+    assert err.startswith(f"error: cannot decode image {where} (") and "download images_background.zip again" in err
+    assert not out.exists()
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
 @pytest.mark.parametrize(
     "flag, value, text",
     [

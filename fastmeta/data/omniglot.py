@@ -58,7 +58,9 @@ def load_omniglot(
     """Every Omniglot image, resized to image_size x image_size (antialiased), from `root` (see the module doc).
 
     The decoded images are cached as a .pt file in `cache_dir` (default ~/.cache/fastmeta, or
-    $FASTMETA_CACHE), written atomically, so later loads take a fraction of a second.
+    $FASTMETA_CACHE), written atomically, so later loads take a fraction of a second. Raises FileNotFoundError
+    where the files are not there, and ValueError naming the zip, or the image (the file, or the member and its
+    zip), that does not read or decode; nothing is cached then.
     """
     root = Path(root).expanduser()
     found = _where(root)
@@ -84,9 +86,10 @@ def load_omniglot(
         return Omniglot(data["images"], data["names"])  # else missing or unreadable: decode again
     names, images = [], []
     for s in SETS:
+        fix = _fix(kind, base, s)
         for name, pngs in sorted(_characters(kind, base, s).items()):
             names.append(f"{s}/{name}")
-            images.append(np.stack([_decode(png, image_size) for png in pngs]))
+            images.append(np.stack([_decode(png, image_size, where, fix) for where, png in pngs]))
     counts = {len(x) for x in images}
     if counts != {20}:
         raise ValueError(f"Omniglot under {base}: expected 20 drawings of every character, found counts {counts}")
@@ -95,12 +98,17 @@ def load_omniglot(
     return out
 
 
-def _characters(kind: str, base: Path, s: str) -> dict[str, list[bytes]]:
-    """ "alphabet/character" -> its PNG files' bytes, sorted by file name."""
-    chars: dict[str, list[tuple[str, bytes]]] = {}
+def _characters(kind: str, base: Path, s: str) -> dict[str, list[tuple[str, bytes]]]:
+    """ "alphabet/character" -> (where, bytes) of its PNG files, sorted by file name; where: the file's path, or
+    "<member> in <zip>", for the errors."""
+    chars: dict[str, list[tuple[str, str, bytes]]] = {}
     if kind == "folder":
         for png in (base / s).glob("*/*/*.png"):
-            chars.setdefault(f"{png.parent.parent.name}/{png.parent.name}", []).append((png.name, png.read_bytes()))
+            try:
+                data = png.read_bytes()
+            except OSError as e:  # unreadable (permissions, an I/O error): a line naming it, not a traceback
+                raise ValueError(f"cannot read image {png}: {e.strerror or e}") from None
+            chars.setdefault(f"{png.parent.parent.name}/{png.parent.name}", []).append((png.name, str(png), data))
     else:
         path = base / f"{s}.zip"
         try:
@@ -108,27 +116,45 @@ def _characters(kind: str, base: Path, s: str) -> dict[str, list[bytes]]:
                 for info in z.infolist():
                     parts = info.filename.split("/")
                     if len(parts) == 4 and parts[3].endswith(".png"):
-                        chars.setdefault(f"{parts[1]}/{parts[2]}", []).append((parts[3], z.read(info)))
+                        chars.setdefault(f"{parts[1]}/{parts[2]}", []).append(
+                            (parts[3], f"{info.filename} in {path}", z.read(info))
+                        )
         except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a truncated download, or not a zip at all
             raise ValueError(
                 f"{path} is not a readable zip file ({e}): download it again from github.com/brendenlake/omniglot "
                 f"(python/{s}.zip), or get the extracted folders with torchvision.datasets.Omniglot('{base}', "
                 "download=True)"
             ) from None
-    return {k: [b for _, b in sorted(v)] for k, v in chars.items()}
+    return {k: [(where, b) for _, where, b in sorted(v)] for k, v in chars.items()}
 
 
-def _decode(png: bytes, size: int) -> np.ndarray:
+def _fix(kind: str, base: Path, s: str) -> str:
+    """What to do about a damaged file of set `s`."""
+    if kind == "zip":
+        return (
+            f"download {s}.zip again from github.com/brendenlake/omniglot (python/{s}.zip), or get the extracted "
+            f"folders with torchvision.datasets.Omniglot('{base}', download=True)"
+        )
+    return f"replace it with the same file from a fresh download (github.com/brendenlake/omniglot, python/{s}.zip)"
+
+
+def _decode(png: bytes, size: int, where: str = "<bytes>", fix: str = "") -> np.ndarray:
+    """One PNG's bytes as (size, size) uint8, ink high. Bytes that do not decode (not an image, truncated,
+    damaged) raise ValueError naming `where` (the file, or "<member> in <zip>") and saying `fix`."""
     try:
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
     except ImportError:
         raise ImportError("decoding Omniglot needs Pillow: pip install pillow (it comes with torchvision)") from None
 
-    with Image.open(io.BytesIO(png)) as im:
-        im = im.convert("L")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.LANCZOS)
-        return 255 - np.asarray(im, dtype=np.uint8)  # ink high, paper 0
+    try:
+        with Image.open(io.BytesIO(png)) as im:
+            im = im.convert("L")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.LANCZOS)
+            return 255 - np.asarray(im, dtype=np.uint8)  # ink high, paper 0
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # UnidentifiedImageError: OSError
+        why = "not an image Pillow can identify" if isinstance(e, UnidentifiedImageError) else str(e) or repr(e)
+        raise ValueError(f"cannot decode image {where} ({why}){': ' + fix if fix else ''}") from None
 
 
 def omniglot_split(
