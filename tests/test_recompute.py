@@ -200,8 +200,10 @@ def test_dropout_draws_the_same_masks_when_rebuilt(recompute, monkeypatch):
     """With the same seed, the recomputed step draws the plain step's dropout masks in forward and again in
     backward (its random state is saved per step and per chunk), so loss and meta-gradient are the plain
     step's (chunks: the plain steps of the chunks, one after the other); and the caller's random stream
-    continues as after the plain step."""
+    continues as after the plain step. (The query losses in one chunk of all tasks, as the plain step computes
+    them: test_dropout_with_query_chunks has the chunked ones.)"""
     monkeypatch.setattr(maml_module, "_checkpoint_interval", lambda steps: 2)  # steps recomputed in segments
+    monkeypatch.setattr(maml_module, "_query_chunks", lambda batch, start: [slice(0, batch.num_tasks)])
     model, batch = dropout_mlp(), regression_batch(T=3)
     lrs, _ = learned_rates("lslr", model, 3, 0.01)
     tensors = list(model.parameters()) + list(lrs.parameters())
@@ -228,8 +230,74 @@ def test_dropout_draws_the_same_masks_when_rebuilt(recompute, monkeypatch):
     assert not torch.allclose(other.loss, plain.loss)  # (the masks do matter)
 
 
-def test_on_device(device):
-    """On the device the tasks are on, dropout included (the device's random state is saved and restored)."""
+def test_query_chunks():
+    """Chunks of tasks with at most the support sets' examples of all tasks (and at least one task)."""
+    batch = classification_batch(T=5, shots=1, queries=2)  # 15 support examples, 6 queries a task: 2 tasks a chunk
+    assert maml_module._query_chunks(batch, 0) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    batch = classification_batch(T=3, shots=1, queries=15)  # 9 support examples, 45 queries a task: 1
+    assert maml_module._query_chunks(batch, 0) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    assert maml_module._query_chunks(classification_batch(T=3, shots=5, queries=1), 0) == [slice(0, 3)]
+    assert maml_module._query_chunks(batch, 4) == [slice(0, 3)]  # ANIL's body features: one chunk
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["2nd", "1st"])
+def test_query_losses_one_task_at_a_time(first_order):
+    """Query sets much larger than the support sets (ResNet-12's 75 queries against 5 support examples): one
+    task's query graph at a time, the multi-step loss's intermediate queries too; the same loss, meta-gradient
+    and outputs as the plain step and the loop."""
+    model, batch = conv4(), classification_batch(T=3, shots=1, queries=4)
+    assert len(maml_module._query_chunks(batch, 0)) == 3
+    steps = 3
+    lrs, rate = learned_rates("lslr", model, steps, 0.3)
+    w = fastmeta.msl_weights(steps, epoch=2)
+    tensors = list(model.parameters()) + list(lrs.parameters())
+    want = loop_meta_loss(model, batch, rate, steps, first_order, F.cross_entropy, msl=w.tolist())
+    out, plain, _ = check(model, batch, lrs, steps, first_order, F.cross_entropy, tensors, want,
+                          multi_step_weights=w)  # fmt: skip
+    for f in ("task_losses", "support_losses", "predictions"):
+        assert_close(getattr(out, f), getattr(plain, f), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_dropout_with_query_chunks(steps):
+    """Query losses chunk by chunk, each chunk drawing its own dropout masks: the meta-gradient is the exact
+    gradient of the loss with the masks drawn (a central difference along a random direction, with the same
+    seed, so the same masks), in backward as in forward."""
+    model, batch = dropout_mlp(), regression_batch(T=3, k=2, q=5)
+    assert len(maml_module._query_chunks(batch, 0)) == 3
+    lrs, _ = learned_rates("lslr", model, max(steps, 1), 0.01)
+    tensors = list(model.parameters()) + list(lrs.parameters())
+    w = fastmeta.msl_weights(steps, epoch=1) if steps else None
+
+    def loss() -> torch.Tensor:
+        torch.manual_seed(1)
+        return fastmeta.maml_step(model, batch, lrs, steps, loss_fn=F.mse_loss, multi_step_weights=w,
+                                  recompute="steps").loss  # fmt: skip
+
+    got = grads_of(loss(), tensors)
+    direction = [torch.randn_like(t) for t in tensors]
+    eps = 1e-6
+    values = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            for t, d in zip(tensors, direction):
+                t.add_(sign * eps * d)
+        values.append(loss().item())  # (with grad enabled: under no_grad the plain step runs)
+        with torch.no_grad():
+            for t, d in zip(tensors, direction):
+                t.sub_(sign * eps * d)
+    numeric = (values[0] - values[1]) / (2 * eps)
+    analytic = sum((g * d).sum() for g, d in zip(got, direction)).item()
+    assert numeric == pytest.approx(analytic, rel=1e-6)
+    torch.manual_seed(2)
+    other = fastmeta.maml_step(model, batch, lrs, steps, loss_fn=F.mse_loss, multi_step_weights=w)
+    assert not torch.allclose(other.loss, loss())  # (the masks do matter)
+
+
+def test_on_device(device, monkeypatch):
+    """On the device the tasks are on, dropout included (the device's random state is saved and restored; the
+    query losses in one chunk, so that the masks are the plain step's)."""
+    monkeypatch.setattr(maml_module, "_query_chunks", lambda batch, start: [slice(0, batch.num_tasks)])
     model, batch = dropout_mlp().to(device), regression_batch(device=device)
     lrs, _ = learned_rates("lslr", model, 3, 0.01)
     tensors = list(model.parameters()) + list(lrs.parameters())

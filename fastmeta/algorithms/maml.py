@@ -208,14 +208,18 @@ def maml_step(
               differentiating each chunk before the next: peak memory of one chunk's graph instead of all T's,
               for about one more forward pass.
             - "steps": second-order memory that does not grow with inner_steps. The inner loop runs without a
-              graph, keeping the fast weights of every ceil(sqrt(inner_steps))-th step and the final query loss's
-              graph; backward differentiates that, then sweeps the steps in reverse, rebuilding one step's graph
+              graph, keeping the fast weights of every ceil(sqrt(inner_steps))-th step; the final query loss is
+              differentiated in forward already (its gradients kept, its graph freed), in chunks of tasks with
+              at most as many query examples as the support sets of all tasks hold (one task for 75 queries
+              against 5-image support sets). Backward sweeps the steps in reverse, rebuilding one step's graph
               at a time (the steps between two kept ones recomputed without a graph first) and taking its
               vector-Jacobian product with the adjoint of the step's output fast weights: the adjoint of its
               input fast weights and the gradients of the learned rates and of the shared (non-adapted)
-              parameters. Peak: the query's graph or one step's, whichever is larger, plus about
+              parameters. Peak: one step's graph or one query chunk's, whichever is larger, plus about
               2 * sqrt(inner_steps) sets of fast weights. Costs about two more inner loops without a graph
-              (with multi_step_weights, one more query forward per weighted intermediate step).
+              (with multi_step_weights, one more query forward per weighted intermediate step). Random layers
+              in the query draw per chunk, so with dropout the loss is not the plain step's for the same seed
+              (it is exact for the masks drawn).
             - ("steps", k): both, for a peak below one query graph of all T tasks: chunks of k tasks (as k),
               each swept over its steps (as "steps").
     """
@@ -353,11 +357,23 @@ def _checkpoint_interval(inner_steps: int) -> int:
     return max(1, math.ceil(math.sqrt(inner_steps)))
 
 
+def _query_chunks(batch: TaskBatch, start: int) -> list[slice]:
+    """The chunks of tasks whose query losses recompute="steps" differentiates one at a time: each with at most as
+    many query examples as the support sets of all tasks (and at least one task), so that one chunk's query graph
+    is about one inner step's or smaller. One chunk when the query features are one activation of all tasks
+    (ANIL's body output, start > 0)."""
+    T, nq = batch.num_tasks, batch.query_x.shape[1]
+    k = T if start or nq == 0 else T * batch.support_x.shape[1] // nq
+    k = max(1, k)
+    return [slice(lo, min(lo + k, T)) for lo in range(0, T, k)] or [slice(0, T)]
+
+
 class _StepSweep:
     """maml_step(recompute="steps"): `forward` runs the inner loop without a graph, keeping the fast weights of
-    every `_checkpoint_interval` steps, the final ones with their query loss's graph, and the random state before
-    each random computation; `backward` differentiates the query loss, then rebuilds one inner step at a time, in
-    reverse (and the intermediate query losses of the multi-step loss), to compute the meta-gradient."""
+    every `_checkpoint_interval` steps and the random state before each random computation, then differentiates
+    the final query loss chunk by chunk of tasks (`_query_chunks`), keeping its gradients; `backward` scales them,
+    then rebuilds one inner step at a time, in reverse (and the intermediate query losses of the multi-step loss,
+    chunk by chunk), to compute the meta-gradient."""
 
     def __init__(
         self,
@@ -384,26 +400,68 @@ class _StepSweep:
         if isinstance(inner_lr, InnerLR):
             self.tensors += [p for p in inner_lr.parameters() if p.requires_grad]
         self.rng = _RNG(batch.support_x.device)
+        self.chunks = _query_chunks(batch, self.start)
 
     def lr(self, s: int, detach: bool) -> float | list[Tensor]:
         lr = self.lr_of(s)
         return [r.detach() for r in lr] if detach and isinstance(lr, list) else lr
 
-    def query(self, params: dict[str, Tensor], fast: list[Tensor], qfeat: object) -> tuple[Tensor, Tensor]:
-        """(T, Nq, ...) predictions and (T,) query losses with fast weights `fast`."""
-        pred = tasks_first(self.run({**params, **dict(zip(self.adapted, fast))}, qfeat, self.start))
-        return pred, task_losses(self.loss_fn, pred, self.batch.query_y)
+    def query(
+        self, params: dict[str, Tensor], fast: list[Tensor], qfeat: object, tasks: slice
+    ) -> tuple[Tensor, Tensor]:
+        """(t, Nq, ...) predictions and (t,) query losses of the t tasks `tasks` (a chunk), with fast weights
+        `fast` (those tasks' (t, *S_i), or shared)."""
+        x = qfeat if self.start else qfeat[tasks]  # (ANIL's features: one chunk of all tasks)
+        pred = tasks_first(self.run({**params, **dict(zip(self.adapted, fast))}, x, self.start))
+        return pred, task_losses(self.loss_fn, pred, self.batch.query_y[tasks])
+
+    def query_grads(
+        self, fast: list[Tensor] | None, weight: float, states: list | None, grad: Tensor | None
+    ) -> tuple[list[Tensor | None], list[Tensor | None], list[Tensor | None], Tensor, Tensor, Tensor]:
+        """Differentiates weight * (the mean query loss) with fast weights `fast` ((T, *S_i) each; None: the
+        parameters themselves), chunk by chunk of tasks, times `grad`; the random state before each chunk is
+        recorded into or set from `states`. Returns the gradients in `fast`, in `tensors` and in the query
+        features' leaves, and the (detached) weighted loss, (T,) query losses and predictions."""
+        T = self.batch.num_tasks
+        adjoint: list[Tensor | None] = [None] * (0 if fast is None else len(fast))
+        meta: list[Tensor | None] = [None] * len(self.tensors)
+        qacc: list[Tensor | None] = [None] * len(self.qleaves)
+        total, losses, preds = None, [], []
+        for i, c in enumerate(self.chunks):
+            if states is not None and len(states) > i:
+                self.rng.set(states[i])
+            elif states is not None:
+                states.append(self.rng.get())
+            leaves = [] if fast is None else [f[c].detach().requires_grad_() for f in fast]
+            inputs = leaves if fast is not None else [self.params[n] for n in self.adapted]
+            pred, task_loss = self.query(self.params, inputs, self.qfeat_leaves, c)
+            loss = weight * task_loss.sum() / T
+            grads = _grad(loss, leaves + self.tensors + self.qleaves, grad)
+            for j, g in enumerate(grads[: len(leaves)]):
+                if g is not None:
+                    if adjoint[j] is None:
+                        adjoint[j] = torch.zeros_like(fast[j])
+                    adjoint[j][c] = g
+            _accumulate(meta, grads[len(leaves) : len(leaves) + len(self.tensors)])
+            _accumulate(qacc, grads[len(leaves) + len(self.tensors) :])
+            del grads
+            total = loss.detach() if total is None else total + loss.detach()
+            losses.append(task_loss.detach())
+            preds.append(pred.detach())
+        return adjoint, meta, qacc, total, torch.cat(losses), torch.cat(preds)
 
     def forward(self) -> Tensor:
-        """The meta-loss, in the order of the plain step's random computations; the inner loop without a graph. The
-        final query loss keeps its graph to those fast weights (as leaves) until backward: it does not grow with
-        the steps, and rebuilding it would cost one more query forward."""
+        """The meta-loss, in the order of the plain step's random computations; the inner loop without a graph.
+        The final query loss is differentiated here, chunk by chunk (as fused-loss kernels do): its graph is never
+        alive for all tasks at once, and backward need not rebuild it (only scale its gradients)."""
         run, b, start, S = self.run, self.batch, self.start, self.steps
         p = {n: t.detach() for n, t in self.params.items()}
         self.qbody_state = self.rng.get()
         self.qfeat = run(p, b.query_x, 0, start) if start else b.query_x
         self.sbody_state = self.rng.get()
         self.sfeat = run(p, b.support_x, 0, start) if start else b.support_x
+        # Leaves in the features the query losses start from (ANIL: the body's), to collect their adjoints.
+        self.qfeat_leaves, self.qleaves = _activation_leaves(self.qfeat) if start else (self.qfeat, [])
         fast = [p[n] for n in self.adapted]
         self.step_states, self.query_states, self.checkpoints = [], {}, {}
         support_losses, loss = [], None
@@ -415,19 +473,17 @@ class _StepSweep:
             if (s + 1) % self.every == 0 and s + 1 < S:
                 self.checkpoints[s + 1] = fast
             if s < S - 1 and self.weights[s] != 0:
-                self.query_states[s + 1] = self.rng.get()
-                loss = self.weights[s] * self.query(p, fast, self.qfeat)[1].mean() + (0 if loss is None else loss)
-        self.final = fast
-        # Leaves in the features the query losses start from (ANIL: the body's), to collect their adjoints.
-        self.qfeat_leaves, self.qleaves = _activation_leaves(self.qfeat) if start else (self.qfeat, [])
+                states = self.query_states[s + 1] = []
+                for c in self.chunks:
+                    states.append(self.rng.get())
+                    part = self.weights[s] * self.query(p, [f[c] for f in fast], self.qfeat, c)[1].sum() / b.num_tasks
+                    loss = part if loss is None else loss + part
         with torch.enable_grad():
-            self.final_leaves = [f.detach().requires_grad_() for f in fast] if S else []
-            inputs = self.final_leaves if S else [self.params[n] for n in self.adapted]
-            pred, task_losses = self.query(self.params, inputs, self.qfeat_leaves)
-            self.final_loss = self.weights[-1] * task_losses.mean()  # (x * 1.0 is x exactly)
-        self.pred, self.task_losses = pred.detach(), task_losses.detach()
+            self.final = self.query_grads(fast if S else None, self.weights[-1], None, None)
+        self.pred, self.task_losses = self.final[5], self.final[4]
+        self.final_fast = fast
         self.support_losses = torch.stack(support_losses, 1) if support_losses else b.query_x.new_zeros(b.num_tasks, 0)
-        final = self.final_loss.detach()
+        final = self.final[3]
         return final if loss is None else loss + final
 
     def output(self, loss: Tensor) -> MAMLOutput:
@@ -438,19 +494,19 @@ class _StepSweep:
             accuracy=_accuracy(self.pred, self.batch.query_y),
             support_losses=self.support_losses,
             predictions=self.pred,
-            fast_weights=_per_task_weights(self.params, self.adapted, self.final, T),
+            fast_weights=_per_task_weights(self.params, self.adapted, self.final_fast, T),
         )
 
     def backward(self, grad: Tensor) -> list[Tensor | None]:
         """The meta-gradient of each of `tensors`, times `grad`."""
         run, b, start, S = self.run, self.batch, self.start, self.steps
         params, tensors = self.params, self.tensors
-        meta: list[Tensor | None] = [None] * len(tensors)
         detached = {n: t.detach() for n, t in params.items()}
-        qfeat, qleaves = self.qfeat_leaves, self.qleaves
         sfeat, sleaves = _activation_leaves(self.sfeat) if start else (self.sfeat, [])
-        qacc: list[Tensor | None] = [None] * len(qleaves)
         sacc: list[Tensor | None] = [None] * len(sleaves)
+        # The final query loss's gradients, taken in forward for a gradient of 1.
+        adjoint, meta, qacc = ([None if g is None else g * grad for g in gs] for gs in self.final[:3])
+        self.final = self.final_fast = None
 
         def fast_at(fast: list[Tensor] | None) -> tuple[list[Tensor], list[Tensor]]:
             """(fast weights to compute with, leaves to differentiate): the parameters themselves at step 0."""
@@ -459,24 +515,14 @@ class _StepSweep:
             leaves = [f.detach().requires_grad_() for f in fast]
             return leaves, leaves
 
-        def query_adjoint(fast: list[Tensor] | None, s: int) -> list[Tensor | None]:
+        def query_adjoint(fast: list[Tensor], s: int) -> list[Tensor | None]:
             """Adds the query loss after step s (weighted) to the gradients; returns its gradient in `fast`."""
-            inputs, leaves = fast_at(fast)
-            self.rng.set(self.query_states[s])
-            loss = self.weights[max(s - 1, 0)] * self.query(params, inputs, qfeat)[1].mean()
-            grads = _grad(loss, leaves + tensors + qleaves, grad)
-            _accumulate(meta, grads[len(leaves) : len(leaves) + len(tensors)])
-            _accumulate(qacc, grads[len(leaves) + len(tensors) :])
-            return list(grads[: len(leaves)])
+            adj, m, q = self.query_grads(fast, self.weights[s - 1], self.query_states[s], grad)[:3]
+            _accumulate(meta, m)
+            _accumulate(qacc, q)
+            return adj
 
         with torch.enable_grad(), self.rng.fork():
-            grads = _grad(self.final_loss, self.final_leaves + tensors + qleaves, grad)
-            self.final = self.final_loss = self.final_leaves = None  # (frees the query's graph)
-            n = S and len(self.adapted)
-            _accumulate(meta, grads[n : n + len(tensors)])
-            _accumulate(qacc, grads[n + len(tensors) :])
-            adjoint = list(grads[:n])
-            del grads
             for a in reversed(range(0, S, self.every)):
                 stop = min(a + self.every, S)
                 # This segment's fast weights, recomputed without a graph from its checkpoint.
