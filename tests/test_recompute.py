@@ -200,10 +200,13 @@ def test_dropout_draws_the_same_masks_when_rebuilt(recompute, monkeypatch):
     """With the same seed, the recomputed step draws the plain step's dropout masks in forward and again in
     backward (its random state is saved per step and per chunk), so loss and meta-gradient are the plain
     step's (chunks: the plain steps of the chunks, one after the other); and the caller's random stream
-    continues as after the plain step. (The query losses in one chunk of all tasks, as the plain step computes
-    them: test_dropout_with_query_chunks has the chunked ones.)"""
+    continues as after the plain step. ("steps" here with its query losses in one chunk of all tasks, as the plain
+    step computes them: test_dropout_with_query_chunks has the chunked ones. ("steps", 2)'s query is in chunks
+    of 2 tasks with the query losses of those 2 tasks in one piece, so that backward draws the masks that forward,
+    the plain step of each chunk, drew.)"""
     monkeypatch.setattr(maml_module, "_checkpoint_interval", lambda steps: 2)  # steps recomputed in segments
-    monkeypatch.setattr(maml_module, "_query_chunks", lambda batch, start: [slice(0, batch.num_tasks)])
+    if recompute == "steps":
+        monkeypatch.setattr(maml_module, "_query_chunks", lambda batch, start: [slice(0, batch.num_tasks)])
     model, batch = dropout_mlp(), regression_batch(T=3)
     lrs, _ = learned_rates("lslr", model, 3, 0.01)
     tensors = list(model.parameters()) + list(lrs.parameters())

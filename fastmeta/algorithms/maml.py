@@ -220,8 +220,8 @@ def maml_step(
               (with multi_step_weights, one more query forward per weighted intermediate step). Random layers
               in the query draw per chunk, so with dropout the loss is not the plain step's for the same seed
               (it is exact for the masks drawn).
-            - ("steps", k): both, for a peak below one query graph of all T tasks: chunks of k tasks (as k),
-              each swept over its steps (as "steps").
+            - ("steps", k): both: chunks of k tasks (as k), each swept over its steps (as "steps") with the k
+              tasks' query losses in one piece.
     """
     if not isinstance(batch, TaskBatch):
         raise TypeError(f"maml_step: batch must be a fastmeta.TaskBatch, got {type(batch).__name__}")
@@ -241,13 +241,14 @@ def maml_step(
             adapt_params=adapt_params,
             multi_step_weights=multi_step_weights,
             strategy=strategy,
-            recompute="steps" if sweep_steps else None,
+            recompute=_SWEEP_WHOLE_QUERY if sweep_steps else None,
         )
         return _maml_step_recomputed(model, batch, inner_lr, inner_steps, first_order, loss_fn, chunk, kwargs)
     if torch.is_grad_enabled() and sweep_steps:
         sweep = _StepSweep(
-            model, batch, inner_lr, inner_steps, first_order, loss_fn, adapt_params, multi_step_weights, strategy
-        )
+            model, batch, inner_lr, inner_steps, first_order, loss_fn, adapt_params, multi_step_weights, strategy,
+            whole_query=recompute is _SWEEP_WHOLE_QUERY,
+        )  # fmt: skip
         return sweep.output(_SweptLoss.apply(sweep, *sweep.tensors))
     run, params, adapted, lr_of = _prepare("maml_step", model, batch.support_x, inner_lr, adapt_params, strategy)
     start = run.split(set(adapted))
@@ -386,6 +387,7 @@ class _StepSweep:
         adapt_params: Iterable[str] | Callable[[str], bool] | None,
         weights: Tensor | None,
         strategy: str,
+        whole_query: bool = False,
     ) -> None:
         self.run, self.params, self.adapted, self.lr_of = _prepare(
             "maml_step", model, batch.support_x, inner_lr, adapt_params, strategy
@@ -400,7 +402,9 @@ class _StepSweep:
         if isinstance(inner_lr, InnerLR):
             self.tensors += [p for p in inner_lr.parameters() if p.requires_grad]
         self.rng = _RNG(batch.support_x.device)
-        self.chunks = _query_chunks(batch, self.start)
+        # (Inside recompute=("steps", k) the k tasks' query is one chunk: the plain step that gave the loss drew its
+        # random numbers so.)
+        self.chunks = [slice(0, batch.num_tasks)] if whole_query else _query_chunks(batch, self.start)
 
     def lr(self, s: int, detach: bool) -> float | list[Tensor]:
         lr = self.lr_of(s)
@@ -488,13 +492,14 @@ class _StepSweep:
 
     def output(self, loss: Tensor) -> MAMLOutput:
         T = self.batch.num_tasks
+        fast, self.final_fast = self.final_fast, None  # (backward does not need them: kept only by the caller)
         return MAMLOutput(
             loss=loss,
             task_losses=self.task_losses,
             accuracy=_accuracy(self.pred, self.batch.query_y),
             support_losses=self.support_losses,
             predictions=self.pred,
-            fast_weights=_per_task_weights(self.params, self.adapted, self.final_fast, T),
+            fast_weights=_per_task_weights(self.params, self.adapted, fast, T),
         )
 
     def backward(self, grad: Tensor) -> list[Tensor | None]:
@@ -504,9 +509,13 @@ class _StepSweep:
         detached = {n: t.detach() for n, t in params.items()}
         sfeat, sleaves = _activation_leaves(self.sfeat) if start else (self.sfeat, [])
         sacc: list[Tensor | None] = [None] * len(sleaves)
-        # The final query loss's gradients, taken in forward for a gradient of 1.
-        adjoint, meta, qacc = ([None if g is None else g * grad for g in gs] for gs in self.final[:3])
-        self.final = self.final_fast = None
+        # The final query loss's gradients, taken in forward for a gradient of 1 (scaled one at a time, each
+        # replacing its unscaled one).
+        adjoint, meta, qacc = self.final[:3]
+        self.final = None
+        for gs in (adjoint, meta, qacc):
+            for i, g in enumerate(gs):
+                gs[i] = None if g is None else g * grad
 
         def fast_at(fast: list[Tensor] | None) -> tuple[list[Tensor], list[Tensor]]:
             """(fast weights to compute with, leaves to differentiate): the parameters themselves at step 0."""
@@ -656,11 +665,15 @@ class _RNG:
         return torch.random.fork_rng(devices=[self.device], device_type=self.device.type)
 
 
+# recompute=("steps", k) runs each chunk of k tasks as this: "steps" with the chunk's query losses in one piece.
+_SWEEP_WHOLE_QUERY = object()
+
+
 def _parse_recompute(recompute: object) -> tuple[bool, int | None]:
     """(sweep the inner steps, tasks per chunk or None) for maml_step's `recompute`."""
     if recompute is None:
         return False, None
-    if isinstance(recompute, str) and recompute == "steps":
+    if isinstance(recompute, str) and recompute == "steps" or recompute is _SWEEP_WHOLE_QUERY:
         return True, None
     if isinstance(recompute, int) and not isinstance(recompute, bool):
         if recompute >= 1:
