@@ -13,6 +13,10 @@ query loss, and its gradient to the model's parameters. Methods:
   learn2learn  l2l.algorithms.MAML: clone() and adapt() per task
   higher       higher.innerloop_ctx with a differentiable SGD, per task
   torchopt     torchopt.MetaSGD per task, extract/recover_state_dict, backward per task (its MAML example)
+  query-floor  not a method: the work every exact method does whatever its inner loop, the query sets' forward
+               and backward (to each task's own weights, as the loop does it: functional_call per task, NCHW),
+               with no inner step; its loss is at the initial weights. loop / query-floor bounds what any exact
+               method can gain over the loop here (the inner steps are the rest of the loop's time).
 A peer that is not installed is skipped with the reason. Seconds: median over interleaved rounds in this process
 (glibc keeps freed memory, see fastmeta._bench.kernels.keep_freed_memory). Peak memory: in a fresh process per row (this
 script with --row): after a small warm-up step, the high-water mark of the resident set over the resident set
@@ -41,7 +45,7 @@ from fastmeta._bench import kernels as bench
 from fastmeta._bench.memory import resident_peak
 from fastmeta.models import ResNet12
 
-METHODS = ("fastmeta", "loop", "vmap", "learn2learn", "higher", "torchopt")
+METHODS = ("fastmeta", "loop", "vmap", "learn2learn", "higher", "torchopt", "query-floor")
 PEERS = {"learn2learn": "learn2learn", "higher": "higher", "torchopt": "torchopt"}
 N_WAY, K_SHOT, QUERIES = 5, 1, 15
 
@@ -173,6 +177,18 @@ def step(method: str, c: Config, steps: int, tasks: int | None = None) -> Callab
     """One meta-step (forward and backward to the model's parameters) of `method`; returns the meta-loss."""
     model, b = make(c, tasks)
     params = list(model.parameters())
+    if method == "query-floor":
+        fast = [{n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()} for _ in b.query_x]
+
+        def floor() -> float:
+            per_task = [
+                F.cross_entropy(functional_call(model, f, (x,)), y) for f, x, y in zip(fast, b.query_x, b.query_y)
+            ]
+            loss = torch.stack(per_task).mean()
+            torch.autograd.grad(loss, [w for f in fast for w in f.values()])
+            return loss.item()
+
+        return floor
     losses = {"loop": _loop_loss, "vmap": _vmap_loss, "learn2learn": _learn2learn_loss, "higher": _higher_loss}
 
     def run() -> float:
@@ -245,17 +261,20 @@ def table(c: Config, rows: list[dict]) -> str:
     lines = [
         head,
         "",
-        "| S | method | s/step | vs fastmeta | peak MB | vs fastmeta | loss |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| S | method | s/step | vs fastmeta | vs loop | peak MB | vs fastmeta | loss |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     ref = {r["steps"]: r for r in rows if r["method"] == "fastmeta"}
+    loop = {r["steps"]: r for r in rows if r["method"] == "loop"}
     for r in rows:
-        f = ref.get(r["steps"])
+        f, lp = ref.get(r["steps"]), loop.get(r["steps"])
         speed = f"{r['seconds'] / f['seconds']:.2f}x" if f else "-"
+        vs_loop = f"{lp['seconds'] / r['seconds']:.2f}x" if lp else "-"
         peak = f"{r['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in r else "-"
         mem = f"{r['peak_bytes'] / f['peak_bytes']:.2f}x" if f and "peak_bytes" in r and "peak_bytes" in f else "-"
         lines.append(
-            f"| {r['steps']} | {r['method']} | {r['seconds']:.3f} | {speed} | {peak} | {mem} | {r['loss']:.6f} |"
+            f"| {r['steps']} | {r['method']} | {r['seconds']:.3f} | {speed} | {vs_loop} | {peak} | {mem} "
+            f"| {r['loss']:.6f} |"
         )
     return "\n".join(lines)
 
