@@ -181,9 +181,10 @@ def test_outputs_are_the_plain_steps_detached():
     assert_close(evaluated.loss, plain.loss.detach(), rtol=1e-12, atol=0)
 
 
-def test_backward_checks_the_parameters_did_not_change():
+@pytest.mark.parametrize("recompute", ["steps", 2, ("steps", 2)], ids=str)
+def test_backward_checks_the_parameters_did_not_change(recompute):
     model, batch = mlp(), regression_batch()
-    out = fastmeta.maml_step(model, batch, 0.01, 2, loss_fn=F.mse_loss, recompute="steps")
+    out = fastmeta.maml_step(model, batch, 0.01, 2, loss_fn=F.mse_loss, recompute=recompute)
     with torch.no_grad():
         model.l1.weight.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -327,3 +328,18 @@ def test_bad_recompute_values(bad):
 
 def test_checkpoint_interval():
     assert [maml_module._checkpoint_interval(s) for s in (0, 1, 2, 4, 5, 10, 16, 17)] == [1, 1, 2, 2, 3, 4, 4, 5]
+
+
+def test_task_chunks_run_each_step_once(monkeypatch):
+    """recompute=k differentiates each chunk as soon as its loss is computed: every inner step runs once (with
+    its graph), none again in backward; the gradients are the plain step's, for any gradient of the loss."""
+    model, batch = conv4(), classification_batch(T=4)
+    calls = []
+    step = maml_module._step
+    monkeypatch.setattr(maml_module, "_step", lambda *a, **k: calls.append(a[-1]) or step(*a, **k))
+    out = fastmeta.maml_step(model, batch, 0.4, 3, recompute=2)
+    got = grads_of(-2.5 * out.loss, list(model.parameters()))
+    assert calls == [True] * 6  # 2 chunks x 3 steps, all second order, in forward
+    calls.clear()
+    plain = fastmeta.maml_step(model, batch, 0.4, 3)
+    assert_grads_close(got, grads_of(-2.5 * plain.loss, list(model.parameters())), rtol=1e-10)
