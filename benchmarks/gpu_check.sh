@@ -80,7 +80,7 @@ done
 timeout "$(left 75 5)" $PY -m fastmeta bench --device cuda --op maml --rounds 2 --json "$JSONDIR/bench_maml.json" \
   >"$OUTDIR/bench_maml.md" 2>&1
 # ResNet-12 (issue 16): fastmeta against the loop and vmap with exact batch norm, with CUDA peak memory per row
-timeout "$(left 90 5)" $PY benchmarks/maml_resnet12.py --device cuda --methods fastmeta loop vmap query-floor --steps 1 5 \
+timeout "$(left 90 5)" $PY benchmarks/maml_resnet12.py --device cuda --methods fastmeta fastmeta-chunks loop vmap query-floor --steps 1 5 \
   --min-time 0.5 --rounds 2 --json "$JSONDIR/bench_resnet12.json" >"$OUTDIR/bench_resnet12.md" 2>&1
 # where the time goes (issue 19): the top ops of a Conv4 and a ResNet-12 meta-step
 timeout "$(left 45 5)" $PY benchmarks/gpu_profile.py --device cuda >"$OUTDIR/profile.md" 2>&1

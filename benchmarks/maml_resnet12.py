@@ -7,6 +7,8 @@
 One meta-step: adapt each of T 5-way 1-shot tasks (15 queries per class) with S second-order SGD steps, the mean
 query loss, and its gradient to the model's parameters. Methods:
   fastmeta     fastmeta.maml_step (the traced, task-batched runner)
+  fastmeta-chunks  fastmeta.maml_step(recompute=1): one task at a time, each differentiated as soon as its loss
+               is computed (one task's graph alive, as torchopt's example does it)
   loop         the usual per-task loop: functional_call, autograd.grad(create_graph=True), subtraction
   vmap         torch.func.vmap over tasks of torch.func.grad steps, BatchNorm written with elementary ops (vmap's
                batch-norm rule is not exact to second order; this is how a vmap user gets exact statistics)
@@ -45,7 +47,7 @@ from fastmeta._bench import kernels as bench
 from fastmeta._bench.memory import resident_peak
 from fastmeta.models import ResNet12
 
-METHODS = ("fastmeta", "loop", "vmap", "learn2learn", "higher", "torchopt", "query-floor")
+METHODS = ("fastmeta", "fastmeta-chunks", "loop", "vmap", "learn2learn", "higher", "torchopt", "query-floor")
 PEERS = {"learn2learn": "learn2learn", "higher": "higher", "torchopt": "torchopt"}
 N_WAY, K_SHOT, QUERIES = 5, 1, 15
 
@@ -197,6 +199,8 @@ def step(method: str, c: Config, steps: int, tasks: int | None = None) -> Callab
             return _torchopt_step(model, b, c.inner_lr, steps)
         if method == "fastmeta":
             loss = fastmeta.maml_step(model, b, c.inner_lr, steps).loss
+        elif method == "fastmeta-chunks":
+            loss = fastmeta.maml_step(model, b, c.inner_lr, steps, recompute=1).loss
         else:
             loss = losses[method](model, b, c.inner_lr, steps)
         torch.autograd.grad(loss, params)
