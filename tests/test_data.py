@@ -183,6 +183,25 @@ def _png_bytes() -> bytes:
     return buf.getvalue()
 
 
+def test_omniglot_zip_member_in_an_unsupported_compression_is_named(tmp_path):
+    """A member compressed with a method zipfile cannot read (Deflate64, as 7-Zip may write): a ValueError naming
+    the member and its zip and what to do, not zipfile's NotImplementedError; nothing cached."""
+    _fake_omniglot(tmp_path / "data", zipped=True)
+    path = tmp_path / "data" / "images_background.zip"
+    member = "images_background/Alpha/character01/0001_02.png"
+    raw = bytearray(path.read_bytes())
+    at = raw.find(b"PK\x01\x02")  # the central directory: mark the member's method as Deflate64 (9)
+    while at >= 0:
+        name_len = int.from_bytes(raw[at + 28 : at + 30], "little")
+        if raw[at + 46 : at + 46 + name_len].decode() == member:
+            raw[at + 10 : at + 12] = (9).to_bytes(2, "little")
+        at = raw.find(b"PK\x01\x02", at + 4)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"^{re.escape(member)} in {re.escape(str(path))} uses a compression method "):
+        load_omniglot(tmp_path / "data", image_size=28, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "not-an-image"])
 @pytest.mark.parametrize("zipped", [False, True], ids=["torchvision-folder", "zips"])
 def test_omniglot_corrupt_png_is_named_and_nothing_cached(tmp_path, zipped, damage):

@@ -116,8 +116,17 @@ def _characters(kind: str, base: Path, s: str) -> dict[str, list[tuple[str, byte
                 for info in z.infolist():
                     parts = info.filename.split("/")
                     if len(parts) == 4 and parts[3].endswith(".png"):
+                        try:
+                            data = z.read(info)
+                        except NotImplementedError as e:  # e.g. Deflate64, which 7-Zip and Windows may write
+                            raise ValueError(
+                                f"{info.filename} in {path} uses a compression method Python cannot read ({e}): "
+                                f"extract it with another tool (7-Zip, unzip) so that {base / s}/<alphabet>/"
+                                "<character>/*.png exist (then delete the zips), or zip it again with the standard "
+                                "(deflate) method"
+                            ) from None
                         chars.setdefault(f"{parts[1]}/{parts[2]}", []).append(
-                            (parts[3], f"{info.filename} in {path}", z.read(info))
+                            (parts[3], f"{info.filename} in {path}", data)
                         )
         except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # a truncated download, or not a zip at all
             raise ValueError(
