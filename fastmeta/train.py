@@ -208,6 +208,11 @@ class RunConfig:
                 o.name: old[o.name] if old.get(o.name) is not None else o.default_for(saved["dataset"])
                 for o in learner.options
             }
+        learner = _learner(saved["algo"])  # options declared after the checkpoint was written: their defaults
+        saved["options"] = {
+            **{o.name: o.default_for(saved["dataset"]) for o in learner.options},
+            **saved["options"],
+        }
         names = {f.name for f in fields(RunConfig)}
         return RunConfig(**{k: v for k, v in saved.items() if k in names})
 

@@ -565,3 +565,33 @@ def test_a_run_ends_with_its_test_against_the_baseline_and_the_next_command(tmp_
     assert end["baseline"]["path"] == str(tmp_path / "pretrain-sinusoid" / "best.pt")
     code, stdout, _ = run(["train", "--out", str(tmp_path / "t"), *tiny[:-2], "--test-episodes", "0"], capsys)
     assert code == 0 and "test:" not in stdout and "next: python -m fastmeta eval" in stdout
+
+
+@pytest.mark.parametrize("recompute", ["steps", "2", "steps,2"])
+def test_recompute_trains_the_same_model(tmp_path, recompute, monkeypatch):
+    """--recompute saves memory, not results: the same weights after some second-order MAML steps as without it
+    (3 inner steps, 4 tasks a meta-batch; sinusoids, no randomness in the model)."""
+    from fastmeta.algorithms import maml_learners
+
+    settings = ["--iterations", "6", "--val-every", "6", "--val-episodes", "1", "--test-episodes", "2",
+                "--inner-steps", "3", "--meta-batch", "4"]  # fmt: skip
+    assert main(["train", "--out", str(tmp_path / "plain"), *settings]) == 0
+    seen = []
+    step = maml_learners.maml_step
+    monkeypatch.setattr(maml_learners, "maml_step", lambda *a, **k: seen.append(k["recompute"]) or step(*a, **k))
+    assert main(["train", "--out", str(tmp_path / "re"), "--recompute", recompute, *settings]) == 0
+    assert set(seen) == {maml_learners.recompute_of(recompute)} and len(seen) == 6
+    a = torch.load(tmp_path / "re" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=False)
+    assert a["config"]["options"]["recompute"] == recompute
+    for k in b["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", ["0", "steps,0", "step", "2,steps", "-1", "steps,"])
+def test_bad_recompute_values_are_refused(tmp_path, capsys, value):
+    code, _, err = run(["train", f"--recompute={value}", "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "recompute must be none, steps, an integer k >= 1 or steps,k" in err, err
+    assert not (tmp_path / "run").exists()
+    code, _, err = run(["train", "--algo", "protonet", "--dataset", "omniglot", "--recompute", "steps"], capsys)
+    assert code == 2 and "recompute" in err

@@ -13,6 +13,7 @@ from fastmeta.algorithms.common import (
     TRAIN_SHOT,
     ZERO_HEAD,
     Learner,
+    Option,
     Settings,
     zero_head,
     zero_head_after_step,
@@ -20,10 +21,42 @@ from fastmeta.algorithms.common import (
 from fastmeta.algorithms.maml import MAMLOutput, MetaSGDLR, adapt, maml_step
 from fastmeta.data import TaskBatch
 
-__all__ = ["MAML", "FOMAML", "METASGD", "PRETRAIN", "GRADIENT_OPTIONS", "predict_by_adapting", "build_with_head"]
+__all__ = [
+    "MAML", "FOMAML", "METASGD", "PRETRAIN", "GRADIENT_OPTIONS", "RECOMPUTE", "recompute_of", "predict_by_adapting",
+    "build_with_head",
+]  # fmt: skip
 
 # What a learner that adapts a network with a head by gradient steps reads.
 GRADIENT_OPTIONS = (INNER_LR, INNER_STEPS, EVAL_INNER_STEPS, TRAIN_SHOT, ZERO_HEAD)
+
+
+def recompute_of(text: str) -> int | str | tuple[str, int] | None:
+    """maml_step's `recompute` from the command line's --recompute: none, steps, k or steps,k."""
+    text = text.strip()
+    if text == "none":
+        return None
+    if text == "steps":
+        return "steps"
+    steps, _, k = text.rpartition(",")
+    if steps.strip() not in ("", "steps") or not k.strip().isdigit() or int(k) < 1:
+        raise ValueError(f"recompute must be none, steps, an integer k >= 1 or steps,k; got {text!r}")
+    return ("steps", int(k)) if steps.strip() else int(k)
+
+
+def _valid_recompute(text: str) -> bool:
+    try:
+        recompute_of(text)
+    except ValueError:
+        return False
+    return True
+
+
+RECOMPUTE = Option(
+    "recompute", str, "save memory in meta-training, the same meta-gradient (maml_step's recompute): steps "
+    "(one inner step's graph at a time: memory flat in --inner-steps), k (k tasks' graph at a time, no extra "
+    "time), steps,k (both) or none", default="none", valid=_valid_recompute,
+    bound="none, steps, an integer k >= 1 or steps,k", metavar="none|steps|K|steps,K",
+)  # fmt: skip
 
 
 def _inner_lr(config: Settings, aux: nn.Module | None) -> float | nn.Module:
@@ -49,7 +82,8 @@ def build_with_head(config: Settings, backbone: nn.Module) -> tuple[nn.Module, n
 
 def _maml(first_order: bool):  # noqa: ANN202
     def objective(config: Settings, model: nn.Module, aux: nn.Module | None, batch: TaskBatch) -> MAMLOutput:
-        return maml_step(model, batch, _inner_lr(config, aux), config.inner_steps, first_order, config.loss_fn)
+        lr, recompute = _inner_lr(config, aux), recompute_of(config.recompute)
+        return maml_step(model, batch, lr, config.inner_steps, first_order, config.loss_fn, recompute=recompute)
 
     return objective
 
@@ -72,7 +106,7 @@ def _gradient_learner(name: str, summary: str, first_order: bool = False, build=
     return Learner(
         name=name,
         summary=summary,
-        options=GRADIENT_OPTIONS,
+        options=(*GRADIENT_OPTIONS, RECOMPUTE),
         objective=_maml(first_order=first_order),
         predict=predict_by_adapting,
         build=build,
