@@ -149,16 +149,25 @@ def test_resnet12_with_batchnorm():
     check(model, batch, 0.2, 2, False, F.cross_entropy, list(model.parameters()), want)
 
 
-@pytest.mark.parametrize("first_order", [False, True], ids=["2nd", "1st"])
-def test_combined_with_task_chunks(first_order):
-    model, batch = conv4(), classification_batch(T=5)
-    steps = 3
+def check_lslr_multi_step(batch, first_order, steps=3, **kw):
+    """check() of a Conv4 with LSLR rates and the multi-step loss on `batch`, against the loop: (out, plain, the
+    model, its rates, the tensors differentiated)."""
+    model = conv4()
     lrs, rate = learned_rates("lslr", model, steps, 0.3)
     w = fastmeta.msl_weights(steps, epoch=2)
     tensors = list(model.parameters()) + list(lrs.parameters())
     want = loop_meta_loss(model, batch, rate, steps, first_order, F.cross_entropy, msl=w.tolist())
     out, plain, _ = check(model, batch, lrs, steps, first_order, F.cross_entropy, tensors, want,
-                          recompute=("steps", 2), multi_step_weights=w)  # fmt: skip  # chunks of 2, 2 and 1 tasks
+                          multi_step_weights=w, **kw)  # fmt: skip
+    return out, plain, model, lrs, tensors
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["2nd", "1st"])
+def test_combined_with_task_chunks(first_order):
+    batch = classification_batch(T=5)
+    steps = 3
+    # chunks of 2, 2 and 1 tasks
+    out, plain, model, lrs, tensors = check_lslr_multi_step(batch, first_order, steps, recompute=("steps", 2))
     assert_close(out.support_losses, plain.support_losses, rtol=1e-12, atol=1e-14)
     assert_close(out.fast_weights, plain.fast_weights, rtol=1e-12, atol=1e-14)
     # ("steps", k) with k >= T is recompute="steps".
@@ -249,15 +258,9 @@ def test_query_losses_one_task_at_a_time(first_order):
     """Query sets much larger than the support sets (ResNet-12's 75 queries against 5 support examples): one
     task's query graph at a time, the multi-step loss's intermediate queries too; the same loss, meta-gradient
     and outputs as the plain step and the loop."""
-    model, batch = conv4(), classification_batch(T=3, shots=1, queries=4)
+    batch = classification_batch(T=3, shots=1, queries=4)
     assert len(maml_module._query_chunks(batch, 0)) == 3
-    steps = 3
-    lrs, rate = learned_rates("lslr", model, steps, 0.3)
-    w = fastmeta.msl_weights(steps, epoch=2)
-    tensors = list(model.parameters()) + list(lrs.parameters())
-    want = loop_meta_loss(model, batch, rate, steps, first_order, F.cross_entropy, msl=w.tolist())
-    out, plain, _ = check(model, batch, lrs, steps, first_order, F.cross_entropy, tensors, want,
-                          multi_step_weights=w)  # fmt: skip
+    out, plain = check_lslr_multi_step(batch, first_order)[:2]
     for f in ("task_losses", "support_losses", "predictions"):
         assert_close(getattr(out, f), getattr(plain, f), rtol=1e-12, atol=1e-14)
 

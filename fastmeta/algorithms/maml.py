@@ -498,11 +498,11 @@ class _StepSweep:
                     part = self.weights[s] * self.query(p, [f[c] for f in fast], self.qfeat, c)[1].sum() / b.num_tasks
                     loss = part if loss is None else loss + part
         with torch.enable_grad():
-            self.final = self.query_grads(fast if S else None, self.weights[-1], None, None)
-        self.pred, self.task_losses = self.final[5], self.final[4]
+            *self.query_gradients, final, self.task_losses, self.pred = self.query_grads(
+                fast if S else None, self.weights[-1], None, None
+            )
         self.final_fast = fast
         self.support_losses = torch.stack(support_losses, 1) if support_losses else b.query_x.new_zeros(b.num_tasks, 0)
-        final = self.final[3]
         return final if loss is None else loss + final
 
     def output(self, loss: Tensor) -> MAMLOutput:
@@ -526,8 +526,8 @@ class _StepSweep:
         sacc: list[Tensor | None] = [None] * len(sleaves)
         # The final query loss's gradients, taken in forward for a gradient of 1 (scaled one at a time, each
         # replacing its unscaled one).
-        adjoint, meta, qacc = self.final[:3]
-        self.final = None
+        adjoint, meta, qacc = self.query_gradients
+        self.query_gradients = None
         for gs in (adjoint, meta, qacc):
             for i, g in enumerate(gs):
                 gs[i] = None if g is None else g * grad
