@@ -226,7 +226,9 @@ def test_grouped_then_per_task_nchw_matches_loop(first_order, monkeypatch):
     monkeypatch.setattr(_batched, "NCHW_MIN_CHANNELS", 3)
     groups = []
     conv = _batched._Conv.conv
-    monkeypatch.setattr(_batched._Conv, "conv", lambda self, x, w, b, g: groups.append(g) or conv(self, x, w, b, g))
+    monkeypatch.setattr(
+        _batched._Conv, "conv", lambda self, x, w, b, g, *a: groups.append(g) or conv(self, x, w, b, g, *a)
+    )
     model, batch = resnet12(), batch_of((1, 16, 16))
     params = list(model.parameters())
     out = fastmeta.maml_step(model, batch, 0.3, 2, first_order, strategy="batched")
@@ -234,6 +236,81 @@ def test_grouped_then_per_task_nchw_matches_loop(first_order, monkeypatch):
     want = loop_meta_loss(model, batch, 0.3, 2, first_order)
     assert_close(out.loss, want, rtol=1e-10, atol=0)
     assert_grads_close(grads_of(out.loss, params), grads_of(want, params))
+
+
+# ---- the grouped convolution's own double backward (fastmeta.algorithms._conv) ---------------------------------
+
+
+def derivatives(f, x, w, b, order):
+    """Gradients w.r.t. (x, w[, b]) of order 1..order of a random functional of f(x, w, b), each order's taken of
+    a random quadratic functional of the previous order's gradients."""
+    g = torch.Generator().manual_seed(1)
+    inputs = [t for t in (x, w, b) if t is not None]
+    y = f(x, w, b)
+    out = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
+    result = []
+    for _ in range(order):
+        gs = torch.autograd.grad(out, inputs, create_graph=True, materialize_grads=True)
+        result.append(gs)
+        out = sum((d * torch.randn(d.shape, generator=g, dtype=d.dtype) + 0.1 * d * d).sum() for d in gs)
+    return result
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 0, 1), (2, 1, 2), ((1, 2, 1), (2, 0, 1), (2, 1, 1))])
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_grouped_conv_matches_torch_to_third_order(ndim, stride, padding, dilation, groups, bias):
+    from fastmeta.algorithms._conv import conv
+
+    stride, padding, dilation = (v[:ndim] if isinstance(v, tuple) else v for v in (stride, padding, dilation))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, *(7,) * ndim, dtype=D64, generator=g, requires_grad=True)
+    w = torch.randn(9, 6 // groups, *(3,) * ndim, dtype=D64, generator=g, requires_grad=True)
+    b = torch.randn(9, dtype=D64, generator=g, requires_grad=True) if bias else None
+    torch_conv = (F.conv1d, F.conv2d, F.conv3d)[ndim - 1]
+    want = derivatives(lambda x, w, b: torch_conv(x, w, b, stride, padding, dilation, groups), x, w, b, 3)
+    got = derivatives(lambda x, w, b: conv(x, w, b, stride, padding, dilation, groups), x, w, b, 3)
+    for got_k, want_k in zip(got, want):
+        assert_grads_close(got_k, want_k, rtol=1e-12)
+
+
+def test_grouped_conv_gradcheck_and_same_padding():
+    from fastmeta.algorithms._conv import conv
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 5, 5, dtype=D64, generator=g, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, dtype=D64, generator=g, requires_grad=True)
+    b = torch.randn(6, dtype=D64, generator=g, requires_grad=True)
+    f = lambda x, w, b: conv(x, w, b, 2, 1, 1, 2)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+    same = conv(x, w, b, 1, "same", 1, 2)  # string padding: torch's own convolution
+    assert_close(same, F.conv2d(x, w, b, 1, "same", 1, 2))
+
+
+def test_second_order_grouped_step_runs_one_convolution_per_call(monkeypatch):
+    """ATen's double backward of a grouped convolution runs one convolution per group (per task here); the
+    runner's takes all tasks in one call, so the number of convolution calls does not grow with T."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(_batched, "GROUPED_MAX_EXAMPLES", 10**9)
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.convolution, torch.ops.aten.convolution_backward):
+                self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    def calls(T):
+        model, batch = resnet12(), batch_of((1, 16, 16), T=T)
+        params = list(model.parameters())
+        with Count() as count:
+            count.calls = 0
+            grads_of(fastmeta.maml_step(model, batch, 0.3, 1, False, strategy="batched").loss, params)
+        return count.calls
+
+    assert calls(2) == calls(6)
 
 
 @pytest.mark.parametrize("kind", ["metasgd", "lslr"])

@@ -35,6 +35,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastmeta.algorithms import _conv
+
 Activation = "Tensor | list[Tensor] | Grouped"  # (T, N, ...), T tensors of shape (N, ...), or (N, T*C, ...)
 
 # Parameter-free layers that act on each example on its own (so on (T*N, ...) as on each task's (N, ...)).
@@ -188,16 +190,18 @@ class _Conv(_Layer):
         if _grouped_layout(x) and not wide_tiny:
             w = _grouped_param(params, self.prefix + "weight", m.weight, T)
             b = _grouped_param(params, self.prefix + "bias", m.bias, T)
-            return Grouped(self.conv(Grouped.of(x, T).x, w, b, m.groups * T), T)
+            return Grouped(self.conv(Grouped.of(x, T).x, w, b, m.groups * T, twice), T)
         xs = _tasks(x)
         if xs and xs[0].device.type == "cpu" and xs[0].dim() == 4:
             xs = [t.contiguous() if wide_tiny else _channels_last(t) for t in xs]
         ws = _split(params, self.prefix + "weight", m.weight, T)
         bs = _split(params, self.prefix + "bias", m.bias, T)
-        return [self.conv(t, w, b, m.groups) for t, w, b in zip(xs, ws, bs)]
+        return [self.conv(t, w, b, m.groups, twice) for t, w, b in zip(xs, ws, bs)]
 
-    def conv(self, x: Tensor, w: Tensor, b: Tensor | None, groups: int) -> Tensor:
+    def conv(self, x: Tensor, w: Tensor, b: Tensor | None, groups: int, twice: bool) -> Tensor:
         m = self.module
+        if twice and groups > 1:  # ATen's double backward would run one convolution per group (see _conv)
+            return _conv.conv(x, w, b, m.stride, m.padding, m.dilation, groups)
         fn = (F.conv1d, F.conv2d, F.conv3d)[len(m.kernel_size) - 1]
         return fn(x, w, b, m.stride, m.padding, m.dilation, groups)
 
