@@ -383,7 +383,11 @@ def main(argv: list[str] | None = None) -> int:
         epilog=_learners_help(),
     )
     t.add_argument("--out", default=None, help="run folder (default runs/<algo>-<dataset>...)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint (same settings; --recompute may change)",
+    )
     t.add_argument("--time-limit", type=float, default=None, help="minutes; then save and stop")
     t.add_argument("--plot", action="store_true", help="write <out>/curve.png (needs matplotlib)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")

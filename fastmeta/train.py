@@ -507,8 +507,24 @@ def train(
     if resume:
         state = load_checkpoint(ckpt_path)
         saved = RunConfig.from_dict(state["config"])
+        # Options that change how the run computes, not what it trains, may change (e.g. --recompute after an
+        # out-of-memory error); the checkpoints written from now on record the new value.
+        free = {o.name for o in config.learner.options if o.same_result} if saved.algo == config.algo else set()
+        changed = {
+            n: (saved.options.get(n), config.options[n]) for n in free if saved.options.get(n) != config.options[n]
+        }
+        saved = replace(saved, options={**saved.options, **{n: config.options[n] for n in changed}})
+        if changed and lead:
+            print(f"--resume: {', '.join(f'{n} {a} -> {b}' for n, (a, b) in changed.items())}", flush=True)
         if saved != config:
-            diff = {k: (v, getattr(config, k)) for k, v in asdict(saved).items() if getattr(config, k) != v}
+            diff = {
+                k: (v, getattr(config, k))
+                for k, v in asdict(saved).items()
+                if k != "options" and getattr(config, k) != v
+            }
+            names = dict.fromkeys([*saved.options, *config.options])
+            diff.update({n: (saved.options.get(n), config.options.get(n)) for n in names
+                         if saved.options.get(n) != config.options.get(n)})  # fmt: skip
             raise ValueError(
                 f"--resume: {ckpt_path} was written by a run with other settings (saved, now): {diff}; "
                 "resume with the same settings or write to another --out"

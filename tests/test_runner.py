@@ -256,9 +256,12 @@ def derivatives(f, x, w, b, order):
     return result
 
 
+SPECS = [(1, 1, 1), (2, 0, 1), (2, 1, 2), ((1, 2, 1), (2, 0, 1), (2, 1, 1))]  # stride, padding, dilation
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("groups", [1, 3])
-@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 0, 1), (2, 1, 2), ((1, 2, 1), (2, 0, 1), (2, 1, 1))])
+@pytest.mark.parametrize("stride,padding,dilation", SPECS)
 @pytest.mark.parametrize("ndim", [1, 2, 3])
 def test_grouped_conv_matches_torch_to_third_order(ndim, stride, padding, dilation, groups, bias):
     from fastmeta.algorithms._conv import conv

@@ -588,6 +588,26 @@ def test_recompute_trains_the_same_model(tmp_path, recompute, monkeypatch):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6)
 
 
+def test_resume_may_change_recompute_only(tmp_path, capsys):
+    """A run stopped (say, out of memory) resumes with --recompute steps and ends with the weights of the run that
+    never stopped; any other change of settings is still refused."""
+    settings = ["--iterations", "4", "--val-every", "2", "--val-episodes", "1", "--test-episodes", "2",
+                "--inner-steps", "2", "--meta-batch", "4"]  # fmt: skip
+    assert main(["train", "--out", str(tmp_path / "plain"), *settings]) == 0
+    half = tmp_path / "half"
+    assert main(["train", "--out", str(half), "--time-limit", "0", *settings]) == 0  # stops after one step
+    code, _, err = run(["train", "--out", str(half), "--resume", "--recompute", "steps", "--inner-lr", "0.02",
+                        *settings], capsys)  # fmt: skip
+    assert code == 2 and "other settings" in err and "inner_lr" in err and "recompute" not in err
+    code, out, _ = run(["train", "--out", str(half), "--resume", "--recompute", "steps", *settings], capsys)
+    assert code == 0 and "--resume: recompute none -> steps" in out
+    a = torch.load(half / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=False)
+    assert a["iteration"] == b["iteration"] == 4 and a["config"]["options"]["recompute"] == "steps"
+    for k in b["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("value", ["0", "steps,0", "step", "2,steps", "-1", "steps,"])
 def test_bad_recompute_values_are_refused(tmp_path, capsys, value):
     code, _, err = run(["train", f"--recompute={value}", "--out", str(tmp_path / "run")], capsys)

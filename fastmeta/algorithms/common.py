@@ -87,7 +87,8 @@ Build = Callable[[Settings, nn.Module], "tuple[nn.Module, nn.Module | None]"]
 class Option:
     """A setting a learner reads: `--name` on the command line (dashes for underscores), `config.name` in the
     learner's code. default: for every dataset but those in per_dataset. valid, bound: a check and its text
-    ("must be {bound}"). A bool option is a flag."""
+    ("must be {bound}"). A bool option is a flag. same_result: it changes how the run computes, not what it
+    trains (a resumed run may change it)."""
 
     name: str
     type: type
@@ -98,6 +99,7 @@ class Option:
     valid: Callable[[Any], bool] | None = None
     bound: str = ""
     metavar: str | None = None
+    same_result: bool = False
 
     def default_for(self, dataset: str) -> object:
         return self.per_dataset.get(dataset, self.default)

@@ -55,7 +55,7 @@ RECOMPUTE = Option(
     "recompute", str, "save memory in meta-training, the same meta-gradient (maml_step's recompute): steps "
     "(one inner step's graph at a time: memory flat in --inner-steps), k (k tasks' graph at a time, no extra "
     "time), steps,k (both) or none", default="none", valid=_valid_recompute,
-    bound="none, steps, an integer k >= 1 or steps,k", metavar="none|steps|K|steps,K",
+    bound="none, steps, an integer k >= 1 or steps,k", metavar="none|steps|K|steps,K", same_result=True,
 )  # fmt: skip
 
 
