@@ -278,7 +278,7 @@ def test_grouped_conv_matches_torch_to_third_order(ndim, stride, padding, dilati
         assert_grads_close(got_k, want_k, rtol=1e-12)
 
 
-def test_grouped_conv_gradcheck_and_same_padding():
+def test_grouped_conv_gradcheck_string_padding_and_torch_func():
     from fastmeta.algorithms._conv import conv
 
     g = torch.Generator().manual_seed(0)
@@ -290,6 +290,15 @@ def test_grouped_conv_gradcheck_and_same_padding():
     assert torch.autograd.gradgradcheck(f, (x, w, b))
     same = conv(x, w, b, 1, "same", 1, 2)  # string padding: torch's own convolution
     assert_close(same, F.conv2d(x, w, b, 1, "same", 1, 2))
+    # Under torch.func (torch's own convolution there too): second-order grad and vmap of grad.
+    loss = lambda conv2d: lambda w, x: conv2d(x, w, None, 1, 1, 1, 2).square().sum()  # noqa: E731
+    ours, torchs = loss(conv), loss(F.conv2d)
+    w, x, xs = w.detach(), x.detach(), torch.randn(3, 2, 4, 5, 5, dtype=D64, generator=g)
+    grad2 = lambda f: torch.func.grad(lambda w, x: torch.func.grad(f)(w, x).square().sum())  # noqa: E731
+    assert_close(grad2(ours)(w, x), grad2(torchs)(w, x))
+    assert_close(
+        torch.vmap(torch.func.grad(ours), (None, 0))(w, xs), torch.vmap(torch.func.grad(torchs), (None, 0))(w, xs)
+    )
 
 
 def test_second_order_grouped_step_runs_one_convolution_per_call(monkeypatch):

@@ -32,7 +32,8 @@ def conv(x: Tensor, w: Tensor, b: Tensor | None, stride: Any, padding: Any, dila
     """conv{1,2,3}d(x, w, b, stride, padding, dilation, groups), x (N, C_in, *spatial), w (C_out, C_in/groups, *k),
     whose double backward runs one convolution per call instead of one per group."""
     n = w.dim() - 2
-    if isinstance(padding, str):  # "same"/"valid": F.conv*d's own path (no grouped double-backward formula here)
+    if isinstance(padding, str) or torch._C._are_functorch_transforms_active():
+        # "same"/"valid" padding, torch.func: torch's own convolution (exact too, with the per-group loop)
         return (torch.conv1d, torch.conv2d, torch.conv3d)[n - 1](x, w, b, stride, padding, dilation, groups)
     spec = (_tuple(stride, n), _tuple(padding, n), _tuple(dilation, n), int(groups))
     return _Convolution.apply(x, w, b, spec)
@@ -57,18 +58,16 @@ def _backward(gy: Tensor, x: Tensor, w: Tensor, spec: Spec, mask: list[bool]) ->
 
 
 class _Convolution(torch.autograd.Function):
-    generate_vmap_rule = True
+    # forward(ctx, ...) rather than setup_context: torch.autograd.Function.apply binds a setup_context
+    # Function's arguments with inspect.signature on every call (25 us each, ~25 calls a Conv4 meta-step). The
+    # price is no torch.func support: conv() takes F.conv*d under torch.func transforms.
 
     @staticmethod
-    def forward(x: Tensor, w: Tensor, b: Tensor | None, spec: Spec) -> Tensor:
-        return _forward(x, w, b, spec)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        x, w, b, spec = inputs
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor | None, spec: Spec) -> Tensor:
         ctx.save_for_backward(x, w)
         ctx.spec = spec
         ctx.set_materialize_grads(False)
+        return _forward(x, w, b, spec)
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor | None) -> tuple:
@@ -83,18 +82,12 @@ class _Convolution(torch.autograd.Function):
 class _ConvolutionBackward(torch.autograd.Function):
     """(gx, gw, gb) = convolution_backward(gy, x, w) for the entries of mask (None for the others)."""
 
-    generate_vmap_rule = True
-
     @staticmethod
-    def forward(gy: Tensor, x: Tensor, w: Tensor, spec: Spec, mask: list[bool]) -> tuple:
-        return _backward(gy, x, w, spec, mask)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        gy, x, w, spec, mask = inputs
+    def forward(ctx: Any, gy: Tensor, x: Tensor, w: Tensor, spec: Spec, mask: list[bool]) -> tuple:
         ctx.save_for_backward(gy, x, w)
         ctx.spec = spec
         ctx.set_materialize_grads(False)
+        return _backward(gy, x, w, spec, mask)
 
     @staticmethod
     def backward(ctx: Any, ggx: Tensor | None, ggw: Tensor | None, ggb: Tensor | None) -> tuple:
