@@ -72,16 +72,17 @@ def count(make_step: Callable[[], Callable[[], object]]) -> dict[str, list[int]]
     return dict(traffic.ops)
 
 
-def workloads() -> list[tuple[str, dict[str, Callable[[], Callable[[], object]]]]]:
+def workloads(small: bool = False) -> list[tuple[str, dict[str, Callable[[], Callable[[], object]]]]]:
+    """small: 2 tasks, a ResNet-12 of widths 4-8-8-8, S=1 only (to check the script in seconds)."""
     rows = []
-    for S, first_order in ((1, False), (1, True), (5, False)):
-        w = conv4_bench.MamlWorkload("conv4", 32, S, first_order)
-        rows.append(
-            (w.label, {m: (lambda m=m, w=w: conv4_bench.step(m, w, "meta")) for m in ("fastmeta", "vmap", "loop")})
-        )
-    config = maml_resnet12.Config(device="meta")
-    for S in (1, 5):
-        label = f"ResNet-12 64-160-320-640 3x32x32, 5-way 1-shot 15q, T={config.tasks}, S={S}, 2nd order"
+    for S, first_order in ((1, False),) if small else ((1, False), (1, True), (5, False)):
+        w = conv4_bench.MamlWorkload("conv4", 2 if small else 32, S, first_order)
+        steps = {m: (lambda m=m, w=w: conv4_bench.step(m, w, "meta")) for m in ("fastmeta", "vmap", "loop")}
+        rows.append((w.label, steps))
+    config = maml_resnet12.Config(device="meta", **({"widths": (4, 8, 8, 8), "tasks": 2} if small else {}))
+    for S in (1,) if small else (1, 5):
+        widths = "-".join(map(str, config.widths))
+        label = f"ResNet-12 {widths} 3x32x32, 5-way 1-shot 15q, T={config.tasks}, S={S}, 2nd order"
         steps = {m: (lambda m=m, S=S: maml_resnet12.step(m, config, S)) for m in ("fastmeta", "vmap", "loop")}
         rows.append((label, steps))
     return rows
@@ -90,6 +91,7 @@ def workloads() -> list[tuple[str, dict[str, Callable[[], Callable[[], object]]]
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--top", type=int, default=0, help="also list each method's N ops that move the most bytes")
+    parser.add_argument("--small", action="store_true", help="toy sizes (2 tasks), S=1: checks the script")
     args = parser.parse_args(argv)
     # The runner's CUDA layout on the meta device, and the kernels' fake implementations for the fastmeta ops.
     _batched.GROUPED_ALWAYS.add("meta")
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| workload | method | calls | GB | convolutions | calls vs fastmeta | GB vs fastmeta |")
     print("|---|---|---:|---:|---:|---:|---:|")
     tops = []
-    for label, steps in workloads():
+    for label, steps in workloads(args.small):
         base = None
         for method, make_step in steps.items():
             ops = count(make_step)

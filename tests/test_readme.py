@@ -153,6 +153,10 @@ def _script(argv: list[str]) -> Run | str:
     if argv[1] == "benchmarks/maml_resnet12.py":
         tiny = ["--widths", "4", "8", "8", "8", "--tasks", "2", "--steps", "1", "--min-time", "0", "--rounds", "1"]
         return Run([sys.executable, str(ROOT / argv[1]), *argv[2:], *tiny])
+    if argv[1] == "benchmarks/step_traffic.py":
+        return Run([sys.executable, str(ROOT / argv[1]), *argv[2:], "--small", "--top", "3"])
+    if argv[1] == "benchmarks/host_time.py":
+        return Run([sys.executable, str(ROOT / argv[1]), *argv[2:], "--tasks", "2", "--rounds", "1"])
     if argv[1] == "benchmarks/fewshot_decode.py":  # writes its JPEGs under --root (here the run's folder)
         small = ["--root", "decode", "--classes", "8", "--per-class", "16", "--workers", "1"]
         return Run([sys.executable, str(ROOT / argv[1]), *argv[2:], *small])
