@@ -148,14 +148,15 @@ def run_maml(
     memory: bool = True,
 ) -> list[dict]:
     """Median seconds per meta-step of each method on each workload (interleaved rounds), and the peak memory
-    of the second-order S=5 steps."""
+    of every step on CUDA (in this process: cheap), of the second-order S=5 steps on the CPU (a fresh process
+    a row)."""
     rows = []
     for w in workloads or WORKLOADS:
         calls = {m: step(m, w, device) for m in methods_for(w)}
         medians = interleaved_medians(calls, device, min_time, rounds, max_reps=100, min_reps=1, warmup=1)
         for name, seconds in medians.items():
             row = {"workload": w.label, "mode": "meta-step", "method": name, "seconds": seconds}
-            if memory and w.inner_steps == 5 and not w.first_order:
+            if memory and (device.startswith("cuda") or (w.inner_steps == 5 and not w.first_order)):
                 row["peak_bytes"] = peak_memory(name, w, device)
             rows.append(row)
     return rows
