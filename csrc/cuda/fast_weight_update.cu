@@ -1,11 +1,13 @@
 // CUDA kernels of fast_weight_update and its backward: all parameter tensors of all tasks in a few launches.
 //
-// Forward: a multi-tensor apply over the flat (T * S_i) updates, 64K elements per block, 4 per thread per step
-// (one 16-byte-class vector access when every pointer allows it). Backward: a multi-tensor apply over columns:
-// each thread owns 4 columns s of one tensor and walks the T tasks, keeping the sums over tasks in registers
-// (acc type). 0-d (Scalar) lr/decay gradients: one partial sum per block in an acc-type scratch buffer, then a
-// second multi-tensor kernel sums each tensor's partials in a fixed order: deterministic. Arithmetic is not
-// contracted into FMAs, so that results match the CPU kernels bit for bit (except the order of Scalar sums).
+// Forward: a multi-tensor apply over the flat (T * S_i) updates, up to 64K elements per block (fewer where that
+// would leave SMs idle: see elements_per_block), 4 per thread per step (one 16-byte-class vector access when
+// every pointer allows it). Backward: a multi-tensor apply over columns: each thread owns 4 columns s of one
+// tensor and walks the T tasks, keeping the sums over tasks in registers (acc type). 0-d (Scalar) lr/decay
+// gradients: one partial sum per block in an acc-type scratch buffer, then a second multi-tensor kernel sums each
+// tensor's partials in a fixed order: deterministic on a given device (the blocks follow its SM count).
+// Arithmetic is not contracted into FMAs, so that results match the CPU kernels bit for bit (except the order of
+// Scalar sums).
 #include <ATen/DeviceGuard.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,6 +21,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -35,13 +38,33 @@ using at::Tensor;
 using cuda::kBlockSize;
 using cuda::kILP;
 
-// Elements of the update (over all tasks) per block of the forward kernel.
+// Most elements of the update (over all tasks) per block of the forward kernel.
 constexpr int64_t kFwdChunk = 65536;
 // Elements a block covers per loop step.
 constexpr int64_t kStep = static_cast<int64_t>(kBlockSize) * kILP;
 static_assert(kFwdChunk % kStep == 0, "chunks must start at vector boundaries");
-// Elements (columns x tasks) a backward block aims at; its column width is a multiple of kStep.
+// Most elements (columns x tasks) per backward block; its column width is a multiple of kStep.
 constexpr int64_t kBwdTarget = 65536;
+// Blocks per SM a call aims at: with one 256-thread block on each of a few SMs, too few loads are in flight to
+// use the memory bandwidth (H100, conv4 T=32: 69 blocks, 54 of them carrying nearly all the bytes, for 132
+// SMs: 41% of a copy's rate).
+constexpr int64_t kBlocksPerSM = 4;
+
+// Elements per block for `total` elements: about kBlocksPerSM blocks per SM of the current device, in whole
+// loop steps, at least one step and at most `most`.
+int64_t elements_per_block(int64_t total, int64_t most) {
+  static std::atomic<int> sms[64] = {};  // SMs per device, read once (0: not yet)
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int count = device >= 0 && device < 64 ? sms[device].load(std::memory_order_relaxed) : 0;
+  if (count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    if (device >= 0 && device < 64) sms[device].store(count, std::memory_order_relaxed);
+  }
+  const int64_t blocks = kBlocksPerSM * std::max(count, 1);
+  const int64_t per_block = (total + blocks - 1) / blocks;
+  return std::clamp((per_block + kStep - 1) / kStep * kStep, kStep, most);
+}
 // Kernel arguments are limited to 4096 bytes; tables take at most this, the rest is left to scalars.
 constexpr size_t kMaxTableBytes = 4096 - 128;
 
@@ -158,11 +181,12 @@ static_assert(sizeof(FwdTable) <= kMaxTableBytes, "forward table exceeds the ker
 
 // One chunk [c0, c1) of the flat (T * S) update of one tensor. Element e is (task e / S, column e % S).
 template <bool VEC, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void forward_chunk(const FwdMeta& m, int64_t T, int32_t chunk, acc_t lr, acc_t decay) {
+__device__ __forceinline__ void forward_chunk(
+    const FwdMeta& m, int64_t T, int32_t chunk, int64_t size, acc_t lr, acc_t decay) {
   const int64_t S = m.numel;  // > 0: empty tensors get no blocks
   const int64_t total = T * S;
-  const int64_t c0 = static_cast<int64_t>(chunk) * kFwdChunk;
-  const int64_t c1 = c0 + kFwdChunk < total ? c0 + kFwdChunk : total;
+  const int64_t c0 = static_cast<int64_t>(chunk) * size;  // size: a multiple of kStep
+  const int64_t c1 = c0 + size < total ? c0 + size : total;
   scalar_t* __restrict__ out = static_cast<scalar_t*>(m.ptr[kFOut]);
   const scalar_t* __restrict__ p = static_cast<const scalar_t*>(m.ptr[kFParams]);
   const scalar_t* __restrict__ g = static_cast<const scalar_t*>(m.ptr[kFGrads]);
@@ -210,13 +234,13 @@ __device__ __forceinline__ void forward_chunk(const FwdMeta& m, int64_t T, int32
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kBlockSize)
-    forward_kernel(const FwdTable table, int64_t T, acc_t lr, acc_t decay) {
+    forward_kernel(const FwdTable table, int64_t T, int64_t size, acc_t lr, acc_t decay) {
   const FwdMeta m = table.tensors[table.block_tensor[blockIdx.x]];
   const int32_t chunk = table.block_chunk[blockIdx.x];
   if (m.flags & kVecOk) {
-    forward_chunk<true, scalar_t>(m, T, chunk, lr, decay);
+    forward_chunk<true, scalar_t>(m, T, chunk, size, lr, decay);
   } else {
-    forward_chunk<false, scalar_t>(m, T, chunk, lr, decay);
+    forward_chunk<false, scalar_t>(m, T, chunk, size, lr, decay);
   }
 }
 
@@ -228,9 +252,12 @@ void launch_forward(
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = plans[0].tasks;
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  int64_t all = 0;
+  for (const FwuPlan& pl : plans) all += pl.tasks * pl.numel;
+  const int64_t size = elements_per_block(all, kFwdChunk);
   auto chunks_of = [&](int64_t i) {
     const int64_t total = plans[i].tasks * plans[i].numel;
-    return (total + kFwdChunk - 1) / kFwdChunk;
+    return (total + size - 1) / size;
   };
   auto fill = [&](FwdMeta& m, int64_t i) {
     const FwuPlan& pl = plans[i];
@@ -248,7 +275,7 @@ void launch_forward(
   };
   auto launch = [&](const FwdTable& table, int blocks) {
     forward_kernel<scalar_t, acc_t>
-        <<<blocks, kBlockSize, 0, stream>>>(table, T, static_cast<acc_t>(lr), static_cast<acc_t>(decay));
+        <<<blocks, kBlockSize, 0, stream>>>(table, T, size, static_cast<acc_t>(lr), static_cast<acc_t>(decay));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   cuda::multi_tensor_apply<FwdTable>(static_cast<int64_t>(plans.size()), chunks_of, fill, launch);
@@ -448,9 +475,11 @@ void launch_backward(
   const size_t n = plans.size();
   const int64_t T = plans[0].tasks;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  // Columns per block: about kBwdTarget elements over the T tasks, in whole loop steps.
-  constexpr int64_t kMaxSteps = kBwdTarget / kStep;
-  const int64_t width = kStep * std::max<int64_t>(1, kMaxSteps / std::max<int64_t>(T, 1));
+  // Columns per block: its share of all elements (at most kBwdTarget) over the T tasks, in whole loop steps.
+  int64_t all = 0;
+  for (const FwuPlan& pl : plans) all += std::max<int64_t>(T, 1) * pl.numel;
+  const int64_t steps = elements_per_block(all, kBwdTarget) / kStep;
+  const int64_t width = kStep * std::max<int64_t>(1, steps / std::max<int64_t>(T, 1));
   auto chunks_of = [&](int64_t i) { return (plans[i].numel + width - 1) / width; };
   // One partial-sum slot per chunk of every tensor with a Scalar lr or decay gradient.
   std::vector<int64_t> slot(n, 0);
