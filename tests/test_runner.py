@@ -301,6 +301,27 @@ def test_grouped_conv_gradcheck_string_padding_and_torch_func():
     )
 
 
+def test_grouped_conv_under_autocast_runs_in_its_dtype():
+    """Autocast does not see inside an autograd.Function: conv() casts as it would for F.conv2d (float32 inputs
+    to the autocast dtype), so mixed precision keeps its speed, and gradients reach the float32 leaves."""
+    from fastmeta.algorithms._conv import conv
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 6, 6, generator=g, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = conv(x, w, None, 1, 1, 1, 2), F.conv2d(x, w, None, 1, 1, 1, 2)
+        assert got.dtype == want.dtype == torch.bfloat16
+        assert torch.equal(got, want)
+        gx, gw = torch.autograd.grad(got.float().square().sum(), (x, w), create_graph=True)
+        assert gx.dtype == gw.dtype == torch.float32
+        assert all(
+            d.dtype == torch.float32 for d in torch.autograd.grad((gx.square().sum() + gw.square().sum()), (x, w))
+        )
+        x64, w64 = x.detach().double(), w.detach().double()  # autocast leaves float64 alone, as for F.conv2d
+        assert conv(x64, w64, None, 1, 1, 1, 2).dtype == torch.float64
+
+
 def test_second_order_grouped_step_runs_one_convolution_per_call(monkeypatch):
     """ATen's double backward of a grouped convolution runs one convolution per group (per task here); the
     runner's takes all tasks in one call, so the number of convolution calls does not grow with T."""
