@@ -402,6 +402,35 @@ def test_on_device(device, layout):
     assert_grads_close(grads_of(out.loss, params), grads_of(want, params))
 
 
+@pytest.mark.parametrize("first_order", [False, True], ids=["2nd", "1st"])
+def test_under_autocast(device, layout, first_order):
+    """Mixed precision (bfloat16 autocast): every convolution of the step, forward and backward, runs in
+    bfloat16, the gradients of the float32 model are float32 and finite, and the first-order meta-gradient is the
+    loop's under the same autocast up to bfloat16 rounding. (Second-order ones differ from float32 by their own
+    size here, in the loop as in fastmeta: nothing to compare.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ConvDtypes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.convolution, torch.ops.aten.convolution_backward):
+                self.seen.add(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    model, batch = conv4().float().to(device), classification_batch(device=device).to(dtype=torch.float32)
+    params = list(model.parameters())
+    with torch.autocast(device, dtype=torch.bfloat16), ConvDtypes() as convs:
+        convs.seen = set()
+        out = fastmeta.maml_step(model, batch, 0.4, 2, first_order)
+        got = grads_of(out.loss, params)
+    assert convs.seen == {torch.bfloat16}
+    assert all(g.dtype == torch.float32 and g.isfinite().all() for g in got)
+    if first_order:
+        with torch.autocast(device, dtype=torch.bfloat16):
+            want = loop_meta_loss(model, batch, 0.4, 2, first_order, F.cross_entropy)
+        assert_close(out.loss, want, rtol=2e-2, atol=0)
+        assert_grads_close(got, grads_of(want, params), rtol=5e-2)
+
+
 def test_task_batch_checks():
     x, y = torch.randn(3, 4, 2), torch.zeros(3, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="query_x has 2 tasks but support_x has 3"):
