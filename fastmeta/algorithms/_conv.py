@@ -36,7 +36,8 @@ def conv(x: Tensor, w: Tensor, b: Tensor | None, stride: Any, padding: Any, dila
         # "same"/"valid" padding, torch.func: torch's own convolution (exact too, with the per-group loop)
         return (torch.conv1d, torch.conv2d, torch.conv3d)[n - 1](x, w, b, stride, padding, dilation, groups)
     device = x.device.type
-    if torch.is_autocast_enabled(device):  # as autocast does for F.conv*d (it does not see inside a Function)
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        # as autocast does for F.conv*d (it does not see inside a Function)
         dtype = torch.get_autocast_dtype(device)
         x, w, b = (t.to(dtype) if t is not None and t.dtype == torch.float32 else t for t in (x, w, b))
     spec = (_tuple(stride, n), _tuple(padding, n), _tuple(dilation, n), int(groups))
