@@ -199,8 +199,8 @@ class RunConfig:
         """The RunConfig of a checkpoint's "config", also as written before the learners' declarations (the
         learner's options as fields and in `extra`)."""
         saved = dict(saved)
+        learner = _learner(saved["algo"])
         if "options" not in saved:
-            learner = _learner(saved["algo"])
             extra = saved.pop("extra", None) or {}
             saved["layers"] = extra.get("layers", 2)
             old = {**{k: saved[k] for k in saved}, **extra}
@@ -208,8 +208,7 @@ class RunConfig:
                 o.name: old[o.name] if old.get(o.name) is not None else o.default_for(saved["dataset"])
                 for o in learner.options
             }
-        learner = _learner(saved["algo"])  # options declared after the checkpoint was written: their defaults
-        saved["options"] = {
+        saved["options"] = {  # options declared after the checkpoint was written: their defaults
             **{o.name: o.default_for(saved["dataset"]) for o in learner.options},
             **saved["options"],
         }
