@@ -231,7 +231,8 @@ def maml_step(
     if multi_step_weights is not None:
         if inner_steps < 1:
             raise ValueError("maml_step: multi_step_weights needs inner_steps >= 1")
-        multi_step_weights = torch.as_tensor(multi_step_weights, dtype=torch.float64).flatten()
+        # constants read on the host at each step: held in host memory (a GPU tensor is copied once, here)
+        multi_step_weights = torch.as_tensor(multi_step_weights, dtype=torch.float64, device="cpu").flatten()
         if multi_step_weights.numel() != inner_steps:
             raise ValueError(
                 f"maml_step: multi_step_weights must have one weight per inner step ({inner_steps}), "

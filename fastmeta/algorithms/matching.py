@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastmeta.algorithms.common import TRAIN_SHOT, TRAIN_WAY, Learner, Option, ProtoOutput, classification_output
-from fastmeta.algorithms.protonet import check_episodes, embed_episodes
+from fastmeta.algorithms.protonet import check_episodes, check_labels, embed_episodes
 from fastmeta.data import TaskBatch
 
 __all__ = ["FullContextEmbedding", "matching_log_probs", "matching_step"]
@@ -59,8 +59,7 @@ def matching_log_probs(
     scale 1). Support and query are embedded together (one BatchNorm batch per task); with `fce`, through full-
     context embeddings. n_way: default 1 + the largest support label."""
     n_way = check_episodes(batch, "matching", n_way)
-    if batch.support_y.numel() and (batch.support_y.min() < 0 or batch.support_y.max() >= n_way):
-        raise ValueError(f"matching: support_y must be in [0, {n_way})")
+    check_labels(batch.support_y, n_way, "matching", "support_y")
     support, query = embed_episodes(model, batch, strategy)
     if fce is not None:
         support, query = fce(support, query)

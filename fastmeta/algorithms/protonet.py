@@ -10,7 +10,15 @@ from fastmeta.algorithms._batched import runner, tasks_first
 from fastmeta.algorithms.common import TRAIN_SHOT, TRAIN_WAY, Learner, ProtoOutput, classification_output
 from fastmeta.data import TaskBatch
 
-__all__ = ["ProtoOutput", "protonet_step", "protonet_logits", "class_prototypes", "squared_distances", "embed"]
+__all__ = [
+    "ProtoOutput",
+    "protonet_step",
+    "protonet_logits",
+    "class_prototypes",
+    "squared_distances",
+    "embed",
+    "check_labels",
+]
 
 
 def check_episodes(batch: TaskBatch, who: str, n_way: int | None) -> int:
@@ -22,9 +30,20 @@ def check_episodes(batch: TaskBatch, who: str, n_way: int | None) -> int:
         y = getattr(batch, name)
         if y.dim() != 2 or y.is_floating_point():
             raise ValueError(f"{who}: {name} must hold class indices (T, N), got {y.dtype} {tuple(y.shape)}")
-    if n_way is None:
+    if n_way is None:  # (reads the labels: on a GPU the host waits for it; pass n_way to avoid that)
         return int(batch.support_y.max()) + 1 if batch.support_y.numel() else 0
     return n_way
+
+
+def check_labels(labels: Tensor, n_way: int, who: str, name: str) -> None:
+    """Raises naming `name` unless every label is in [0, n_way). Checked where the labels are in host memory:
+    reading them on a GPU would make the host wait for it at every step, so there, as F.one_hot and
+    F.cross_entropy do on CUDA, an out-of-range label ends in a device-side assert instead."""
+    if labels.device.type != "cpu" or not labels.numel():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(labels))
+    if lo < 0 or hi >= n_way:
+        raise ValueError(f"{who}: {name} must be in [0, {n_way}), got [{lo}, {hi}]")
 
 
 def embed(model: nn.Module, x: Tensor, strategy: str = "auto") -> Tensor:
@@ -48,17 +67,17 @@ def embed_episodes(model: nn.Module, batch: TaskBatch, strategy: str = "auto") -
 
 def class_prototypes(support: Tensor, labels: Tensor, n_way: int) -> Tensor:
     """The mean embedding of each class: support (T, Ns, D), labels (T, Ns) in [0, n_way) -> (T, n_way, D).
-    Every class needs at least one support example."""
+    Every class needs at least one support example (checked for labels in host memory, see check_labels; on
+    a GPU a class without one gets a NaN prototype)."""
     if support.dim() != 3 or labels.shape != support.shape[:2]:
         raise ValueError(
             f"class_prototypes: support must be (T, Ns, D) and labels (T, Ns), got {tuple(support.shape)} and "
             f"{tuple(labels.shape)}"
         )
-    if labels.numel() and (labels.min() < 0 or labels.max() >= n_way):
-        raise ValueError(f"class_prototypes: labels must be in [0, {n_way}), got [{labels.min()}, {labels.max()}]")
+    check_labels(labels, n_way, "class_prototypes", "labels")
     onehot = F.one_hot(labels.long(), n_way).to(support.dtype)  # (T, Ns, n_way)
     counts = onehot.sum(1)  # (T, n_way)
-    if (counts == 0).any():
+    if counts.device.type == "cpu" and bool((counts == 0).any()):
         raise ValueError(f"class_prototypes: every task needs a support example of each of the {n_way} classes")
     return torch.bmm(onehot.transpose(1, 2), support) / counts.unsqueeze(-1)
 
