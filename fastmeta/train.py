@@ -374,6 +374,29 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
+class _StepNumbers:
+    """A training step's logged loss and accuracy (and the processes' stop flag), on their way to the host.
+
+    On a GPU they are copied without waiting and read() waits for that step alone: the loop reads a step's
+    numbers after issuing the next one, so the host queues step k + 1 while the device still runs step k (a
+    read right after each step would leave the device idle while the host issues the next)."""
+
+    def __init__(self, values: torch.Tensor, stop: bool) -> None:
+        self.stop, self.event = stop, None
+        if values.is_cuda:
+            self.values = values.to("cpu", non_blocking=True)  # into pinned memory, in order after the step
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.values = values.cpu()
+
+    def read(self) -> dict:
+        if self.event is not None:
+            self.event.synchronize()
+        loss, acc = self.values.tolist()[:2]
+        return {"loss": loss, "accuracy": None if math.isnan(acc) else acc}
+
+
 def _step(
     config: RunConfig,
     model: nn.Module,
@@ -382,10 +405,11 @@ def _step(
     batch,  # noqa: ANN001
     share: float = 1.0,
     stop: bool = False,
-) -> dict:
+) -> _StepNumbers:
     """One meta-step on this process's tasks; with several processes, the meta-gradient (and the logged loss
     and accuracy) are summed over them weighted by `share`, this process's fraction of the meta-batch, and
-    `stop` is true on every process when it is on any."""
+    `stop` is true on every process when it is on any (those numbers are agreed on at once: the processes
+    exchange them with the gradients)."""
     learner = config.learner
     opt.zero_grad(set_to_none=True)
     out = learner.objective(config, model, aux, batch)
@@ -394,17 +418,21 @@ def _step(
     else:
         out.loss.backward()
         loss = out.loss.detach()
-    acc = torch.nan if out.accuracy is None else out.accuracy.float().mean().item()
-    stats = torch.tensor([loss.item() * share, acc * share, float(stop)], dtype=torch.float64)
+    acc = loss.new_full((), math.nan) if out.accuracy is None else out.accuracy.float().mean()
+    values = torch.stack([loss.detach().double(), acc.detach().double()])
     params = [p for group in opt.param_groups for p in group["params"]]
-    stats = distributed.all_reduce_gradients(params, share, stats)
+    if distributed.world()[1] > 1:
+        extra = torch.cat([values * share, torch.tensor([float(stop)], dtype=torch.float64, device=values.device)])
+        values = distributed.all_reduce_gradients(params, share, extra)
+        stop = bool(values[2] > 0)
+    else:
+        distributed.all_reduce_gradients(params, share)  # (only scales the gradients by share, here 1)
     if learner.after_backward is not None:
         learner.after_backward(config, params)
     opt.step()
     if learner.after_step is not None:
         learner.after_step(config, model)
-    loss, acc, stop = stats.tolist()
-    return {"loss": loss, "accuracy": None if math.isnan(acc) else acc, "stop": stop > 0}
+    return _StepNumbers(values, stop)
 
 
 def evaluate_model(
@@ -435,6 +463,14 @@ def evaluate_model(
     ci = 1.96 * v.std().item() / math.sqrt(len(v)) if len(v) > 1 else float("nan")
     result = {"metric": config.metric, "mean": v.mean().item(), "ci95": ci, "tasks": len(v)}
     return {**result, "values": v} if per_task else result
+
+
+def _to_device(batch, device: torch.device | str):  # noqa: ANN001, ANN202
+    """The batch on `device`; to a GPU through pinned memory without waiting (a plain copy from pageable memory
+    waits for everything queued on the device before it)."""
+    if torch.device(device).type == "cuda" and batch.device.type == "cpu":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
 
 
 class _Progress:
@@ -570,23 +606,32 @@ def train(
 
     tic = time.time()
     it = start
+    unread: tuple[int, _StepNumbers] | None = None  # the last step, if its numbers are not read yet
     while it < config.iterations:
         for group in opt.param_groups:
             group["lr"] = config.lr_at(it)
         late = lead and deadline is not None and time.time() > deadline
-        info = _step(config, model, aux, opt, train_set[it].to(device), share, stop=late)
-        timed_out = info.pop("stop")
+        numbers = _step(config, model, aux, opt, _to_device(train_set[it], device), share, stop=late)
+        timed_out = numbers.stop
         it += 1
-        if not math.isfinite(info["loss"]):  # the loss is summed over the processes: every one stops here
+        validate = it % config.val_every == 0 or it == config.iterations or timed_out
+        # The last step's numbers are read now, as this step runs; this step's when the run validates or stops.
+        due, unread = [unread] if unread else [], (it, numbers)
+        if validate:
+            due, unread = [*due, unread], None
+        for i, n in due:
+            info = n.read()
+            if not math.isfinite(info["loss"]):  # the loss is summed over the processes: every one stops here
+                if progress is not None:
+                    progress.close()
+                raise Diverged(_diverged(config, i, "training loss", info["loss"], ckpt_path, history))
             if progress is not None:
-                progress.close()
-            raise Diverged(_diverged(config, it, "training loss", info["loss"], ckpt_path, history))
+                progress.update(info)
         if not lead:
             if timed_out:
                 break
             continue
-        progress.update(info)
-        if it % config.val_every == 0 or it == config.iterations or timed_out:
+        if validate:
             v = evaluate_model(model, aux, config, val_set, config.val_episodes, config.get("eval_inner_steps", 0))
             result = {"iteration": it, "seconds": time.time() - tic, "train_loss": info["loss"], "val": v["mean"]}
             result["val_ci95"] = v["ci95"]

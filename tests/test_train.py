@@ -292,6 +292,18 @@ def test_train_and_eval_on_a_device(tmp_path, capsys, device):
     assert code == 2 and "--device" in err
 
 
+def test_step_numbers_and_batches_cross_between_host_and_device(device):
+    """What the loop sends without waiting arrives intact: a step's numbers to the host (read after the
+    step's event on a GPU), an episode batch to the device (through pinned memory on a GPU)."""
+    numbers = training._StepNumbers(torch.tensor([0.25, math.nan], dtype=torch.float64, device=device) * 2, True)
+    assert numbers.stop and numbers.read() == {"loss": 0.5, "accuracy": None}
+    batch = training.datasets(RunConfig.make("sinusoid", meta_batch=3), "train")[0]
+    moved = training._to_device(batch, device)
+    assert moved.device.type == device
+    for name in ("support_x", "support_y", "query_x", "query_y"):
+        assert torch.equal(getattr(moved, name).cpu(), getattr(batch, name))
+
+
 def test_train_shot_widens_only_the_training_episodes(tmp_path):
     """Nichol et al. train Reptile on 10-shot episodes and test it on 1-shot ones: --train-shot sets the training
     episodes' support size; validation and test keep --k-shot."""
@@ -477,10 +489,12 @@ def test_a_diverging_run_stops_and_keeps_its_checkpoints(tmp_path, capsys, monke
     last checkpoint and best.pt as they were."""
     real, calls = training._step, []
 
-    def diverging(*args, **kwargs):
-        info = real(*args, **kwargs)
+    def diverging(config, model, *args, **kwargs):
         calls.append(1)
-        return {**info, "loss": math.nan} if len(calls) == 15 else info
+        if len(calls) == 15:  # the 15th step starts from NaN weights
+            with torch.no_grad():
+                next(model.parameters()).fill_(math.nan)
+        return real(config, model, *args, **kwargs)
 
     monkeypatch.setattr(training, "_step", diverging)
     out = tmp_path / "run"
@@ -493,6 +507,41 @@ def test_a_diverging_run_stops_and_keeps_its_checkpoints(tmp_path, capsys, monke
     for name in ("checkpoint.pt", "best.pt"):
         assert torch.load(out / name, weights_only=False)["iteration"] == 10
     assert len((out / "history.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_step_is_read_after_the_next_one_is_issued(tmp_path, capsys, monkeypatch):
+    """The loop reads a step's loss after issuing the next step (on a GPU the host then queues it while the
+    device runs the last one), and each step's own before a validation, a checkpoint or the end."""
+    real, log, steps = training._step, [], []
+
+    class Logged:
+        def __init__(self, numbers, i):
+            self.numbers, self.i, self.stop = numbers, i, numbers.stop
+
+        def read(self):
+            log.append(f"read {self.i}")
+            return self.numbers.read()
+
+    def logged(*args, **kwargs):
+        steps.append(1)
+        log.append(f"step {len(steps)}")
+        return Logged(real(*args, **kwargs), len(steps))
+
+    real_validate = training.evaluate_model
+
+    def validate(*args, **kwargs):
+        log.append("validate")
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_step", logged)
+    monkeypatch.setattr(training, "evaluate_model", validate)
+    args = ["train", "--out", str(tmp_path / "run"), "--iterations", "5", "--val-every", "3", "--val-episodes", "1"]
+    code, _, err = run([*args, "--test-episodes", "4"], capsys)
+    assert code == 0, err
+    assert log[:11] == ["step 1", "step 2", "read 1", "step 3", "read 2", "read 3", "validate",
+                        "step 4", "step 5", "read 4", "read 5"], log  # fmt: skip
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [h["iteration"] for h in history] == [3, 5] and all(math.isfinite(h["train_loss"]) for h in history)
 
 
 def test_failed_runs_leave_no_folder_and_empty_ones_are_reused(tmp_path, monkeypatch, capsys):

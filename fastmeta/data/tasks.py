@@ -73,3 +73,8 @@ class TaskBatch:
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None, non_blocking=non_blocking)
 
         return TaskBatch(*(move(t) for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
+
+    def pin_memory(self) -> TaskBatch:
+        """The batch in page-locked host memory (CPU tensors), from which `.to("cuda", non_blocking=True)`
+        copies without making the host wait for the GPU."""
+        return TaskBatch(*(t.pin_memory() for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
