@@ -155,6 +155,9 @@ def _script(argv: list[str]) -> Run | str:
         return Run([sys.executable, str(ROOT / argv[1]), *argv[2:], *tiny])
     if argv[1] == "benchmarks/step_traffic.py":
         return Run([sys.executable, str(ROOT / argv[1]), *argv[2:], "--small", "--top", "3"])
+    if argv[1] == "benchmarks/train_overlap.py":
+        args = argv[2:] if torch.cuda.is_available() else [a if a != "cuda" else "cpu" for a in argv[2:]]
+        return Run([sys.executable, str(ROOT / argv[1]), *args, "--small", "--steps", "2", "--rounds", "1"])
     if argv[1] == "benchmarks/host_time.py":
         return Run([sys.executable, str(ROOT / argv[1]), *argv[2:], "--tasks", "2", "--rounds", "1"])
     if argv[1] == "benchmarks/fewshot_decode.py":  # writes its JPEGs under --root (here the run's folder)
