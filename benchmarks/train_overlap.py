@@ -5,7 +5,8 @@ with a plain copy (what the loop did before, and what a `loss.item()` per step i
     python benchmarks/train_overlap.py [--device cuda] [--steps 30] [--rounds 3] [--small]
 
 Rows: MAML with the train command's defaults on sinusoid regression (MLP 1-40-40-1: a host-bound step on a
-GPU) and on Omniglot-shaped episodes (Conv4, 5-way 1-shot, 28x28, T=32; random images, no data needed). `fastmeta.train._step` as `fastmeta train` runs it, with its optimiser. The time of `--steps`
+GPU) and on Omniglot-shaped episodes (Conv4, 5-way 1-shot, 28x28, T=32; random images, no data needed).
+Each step is `fastmeta.train._step`, as `fastmeta train` runs it, with its optimiser. The time of `--steps`
 consecutive steps (a device synchronisation at the end), medians of interleaved rounds. On a CPU both ways
 are the same work, so the ratio stays near 1; on a GPU it shows what the host's wait cost.
 """
