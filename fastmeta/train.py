@@ -452,7 +452,7 @@ def evaluate_model(
     device = next(model.parameters()).device
     was_training = model.training
     for i in range(batches):
-        b = episodes[i].to(device)
+        b = _to_device(episodes[i], device)
         pred = config.learner.predict(config, model, aux, b, inner_steps)
         if config.metric == "mse":
             values.append(task_losses(config.loss_fn, pred, b.query_y))
