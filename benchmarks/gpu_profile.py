@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,16 @@ def conv4_step(device: str, tasks: int = 32):  # noqa: ANN201
     return run
 
 
+def wall_time(run, steps: int) -> float:  # noqa: ANN001
+    """Seconds a step, over `steps` consecutive steps (the device synchronised before and after)."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        run()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -63,7 +74,15 @@ def main() -> None:
             if cuda:
                 torch.cuda.synchronize()
         print(f"\n### {name}: {a.steps} meta-steps, top {a.top} ops by {key}\n")
-        print(prof.key_averages().table(sort_by=key, row_limit=a.top, max_name_column_width=60))
+        averages = prof.key_averages()
+        print(averages.table(sort_by=key, row_limit=a.top, max_name_column_width=60))
+        if cuda:  # host-bound or device-bound: the device's busy time against a step's wall time
+            busy = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in averages)
+            wall = wall_time(run, a.steps)
+            print(
+                f"device busy {busy / 1e3 / a.steps:.2f} ms a step, wall {wall * 1e3:.2f} ms a step without the "
+                f"profiler ({busy / 1e6 / a.steps / wall:.0%} busy)"
+            )
 
 
 if __name__ == "__main__":
