@@ -10,6 +10,8 @@ Variants (each replaces one piece of fastmeta.algorithms._batched for its calls 
   F.batch_norm          BatchNorm -> ReLU -> max-pool as F.batch_norm, F.relu, pooling, instead of the fused
                         composite that pools before the affine map
   per-task large sets   the CPU's layout rule: sets of 16 or more examples (the query sets) per task, not grouped
+  cudnn.benchmark       as built with torch.backends.cudnn.benchmark = True (cuDNN times its algorithms for each
+                        shape on first use; torch's default is off); vmap likewise in its own row
   vmap                  torch.func.vmap over tasks, batch norm in elementary ops (the benchmarks' vmap method)
 Rows: Conv4 (Omniglot 28x28, T=32) S=1 second and first order, S=5 second order; ResNet-12 (64-160-320-640,
 3x32x32, T=4) S=1 second order. Medians of interleaved rounds; `vs as built` > 1 means the variant is slower.
@@ -48,6 +50,8 @@ PATCHES: dict[str, list[tuple[object, str, object]]] = {
     "ATen double backward": [(_conv, "conv", _aten_conv)],
     "F.batch_norm": [(_batched, "_batch_norm_relu_pool", _unfused)],
     "per-task large sets": [(_batched, "GROUPED_ALWAYS", set())],
+    # not a choice of the runner: cuDNN's autotuner (off by default in torch), for maml_step and vmap alike
+    "cudnn.benchmark": [(torch.backends.cudnn, "benchmark", True)],
 }
 
 
@@ -95,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         ours = make("fastmeta")
         calls = {v: variant(ours, changes) for v, changes in PATCHES.items()}
         calls["vmap"] = make("vmap")
+        calls["vmap, cudnn.benchmark"] = variant(calls["vmap"], PATCHES["cudnn.benchmark"])
         medians = interleaved_medians(calls, a.device, a.min_time, a.rounds, max_reps=50, min_reps=1, warmup=1)
         for v, seconds in medians.items():
             print(f"| {label} | {v} | {seconds * 1e3:.2f} ms | {seconds / medians['as built']:.2f}x |", flush=True)
