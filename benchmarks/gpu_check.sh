@@ -82,9 +82,9 @@ timeout "$(left 75 5)" $PY -m fastmeta bench --device cuda --op maml --rounds 2 
 timeout "$(left 90 5)" $PY benchmarks/maml_resnet12.py --device cuda --methods fastmeta fastmeta-chunks loop vmap query-floor --steps 1 5 \
   --min-time 0.5 --rounds 2 --json "$JSONDIR/bench_resnet12.json" >"$OUTDIR/bench_resnet12.md" 2>&1
 # the runner's choices made without a GPU, each undone in turn, against vmap (issue 19)
-timeout "$(left 70 5)" $PY benchmarks/gpu_variants.py --device cuda --min-time 0.3 --rounds 2 >"$OUTDIR/variants.md" 2>&1
+timeout "$(left 90 5)" $PY benchmarks/gpu_variants.py --device cuda --min-time 0.3 --rounds 2 >"$OUTDIR/variants.md" 2>&1
 # the training loop with the host reading each step at once against one step late (in the variants' file)
-timeout "$(left 40 5)" $PY benchmarks/train_overlap.py --device cuda --steps 20 --rounds 3 >>"$OUTDIR/variants.md" 2>&1
+timeout "$(left 30 5)" $PY benchmarks/train_overlap.py --device cuda --steps 20 --rounds 3 >>"$OUTDIR/variants.md" 2>&1
 # where the time goes (issue 19): the top ops of a Conv4 and a ResNet-12 meta-step
 timeout "$(left 45 5)" $PY benchmarks/gpu_profile.py --device cuda >"$OUTDIR/profile.md" 2>&1
 # the contrastive table last (its targets are met); in the kernels' file (8 files come back at most)
