@@ -5,10 +5,13 @@ One such read per step makes the host wait for the whole queue, each step.
 Checked without a GPU: each step runs on the meta device (shapes, no values) with the runner's CUDA layout
 (every convolution grouped over the tasks) and fastmeta's kernels where a GPU would run them, under a dispatch
 mode that fails on any ATen call that would read a value back to the host. A value read of a meta tensor would
-fail anyway; the mode says which call and from where.
+fail anyway; the mode says which call and from where. On a machine with a GPU the same steps run on it under
+torch's sync debug mode, which also sees the kernels' host code.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -17,8 +20,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import fastmeta
-from fastmeta import _kernels
+from fastmeta import TaskBatch, _kernels
 from fastmeta.algorithms import (
     LSLR,
     SNAIL,
@@ -67,20 +69,21 @@ def gpu_layout(monkeypatch: pytest.MonkeyPatch) -> str:
 T = 3
 
 
-def episodes(shape: tuple[int, ...], n_way: int = 5, shot: int = 1, queries: int = 2) -> fastmeta.TaskBatch:
+# Each case builds its model and episodes on `dev` and returns the step to check: a call that runs one step and
+# its backward (the building is left out of the check: moving a model to a GPU is a copy the host waits for).
+Case = Callable[[str], Callable[[], None]]
+
+
+def episodes(dev: str, shape: tuple[int, ...], n_way: int = 5, shot: int = 1, queries: int = 2) -> TaskBatch:
     def labels(k: int) -> torch.Tensor:
-        return torch.arange(n_way).repeat_interleave(k).repeat(T, 1).to("meta")
+        return torch.arange(n_way).repeat_interleave(k).repeat(T, 1).to(dev)
 
-    return fastmeta.TaskBatch(
-        torch.empty(T, n_way * shot, *shape, device="meta"),
-        labels(shot),
-        torch.empty(T, n_way * queries, *shape, device="meta"),
-        labels(queries),
-    )
+    x = torch.randn(T, n_way * (shot + queries), *shape).to(dev)
+    return TaskBatch(x[:, : n_way * shot], labels(shot), x[:, n_way * shot :], labels(queries))
 
 
-def conv4(n_way: int | None = 5) -> nn.Module:
-    return Conv4(n_way, hidden=4).to("meta")
+def conv4(dev: str, n_way: int | None = 5) -> nn.Module:
+    return Conv4(n_way, hidden=4).to(dev)
 
 
 class TwoPaths(nn.Module):
@@ -94,66 +97,101 @@ class TwoPaths(nn.Module):
         return self.head(torch.tanh(self.a(x)) * torch.sigmoid(self.b(x)))
 
 
-def _sinusoid() -> fastmeta.TaskBatch:
-    return fastmeta.TaskBatch(*(torch.empty(T, 10, 1, device="meta") for _ in range(4)))
+def _backward(step: Callable[[], object]) -> Callable[[], None]:
+    def run() -> None:
+        step().loss.backward()
+
+    return run
 
 
-def _lslr_msl() -> torch.Tensor:
-    model = conv4()
-    lr = LSLR(model, 2).to("meta")
-    return maml_step(model, episodes((1, 28, 28)), lr, 2, multi_step_weights=msl_weights(2, 3)).loss
+def _maml(model: Callable[[str], nn.Module], shape: tuple[int, ...], *args, **kwargs) -> Case:  # noqa: ANN002, ANN003
+    def case(dev: str) -> Callable[[], None]:
+        m, batch = model(dev), episodes(dev, shape)
+        return _backward(lambda: maml_step(m, batch, *args, **kwargs))
+
+    return case
 
 
-def _meta_sgd() -> torch.Tensor:
-    model = conv4()
-    return maml_step(model, episodes((1, 28, 28)), MetaSGDLR(model).to("meta"), 2).loss
+def _learned_lr(make_lr: Callable[[nn.Module], nn.Module], **kwargs) -> Case:  # noqa: ANN003
+    def case(dev: str) -> Callable[[], None]:
+        m, batch = conv4(dev), episodes(dev, (1, 28, 28))
+        lr = make_lr(m).to(dev)
+        return _backward(lambda: maml_step(m, batch, lr, 2, **kwargs))
+
+    return case
 
 
-def _matching_fce() -> torch.Tensor:
-    model = conv4(None)
-    fce = FullContextEmbedding(model.embedding_size, steps=2).to("meta")
-    return matching_step(model, episodes((1, 28, 28)), 5, fce).loss
+def _sinusoid(dev: str) -> Callable[[], None]:
+    m, batch = MLP().to(dev), TaskBatch(*(torch.randn(T, 10, 1).to(dev) for _ in range(4)))
+    return _backward(lambda: maml_step(m, batch, 0.01, 3, loss_fn=F.mse_loss))
 
 
-def _snail() -> torch.Tensor:
-    embedding = conv4(None)
-    model = SNAIL(5, 1, embedding, embedding.embedding_size).to("meta")
-    return snail_step(model, episodes((1, 28, 28), queries=1), "auto").loss
+def _embedding(step: Callable[[nn.Module, TaskBatch], object], queries: int = 2) -> Case:
+    def case(dev: str) -> Callable[[], None]:
+        m, batch = conv4(dev, None), episodes(dev, (1, 28, 28), queries=queries)
+        return _backward(lambda: step(m, batch))
+
+    return case
 
 
-def _meta_lstm() -> torch.Tensor:
-    return meta_lstm_step(MetaLSTM(conv4(), hidden=4).to("meta"), episodes((1, 28, 28)), steps=2).loss
+def _matching_fce(dev: str) -> Callable[[], None]:
+    m, batch = conv4(dev, None), episodes(dev, (1, 28, 28))
+    fce = FullContextEmbedding(m.embedding_size, steps=2).to(dev)
+    return _backward(lambda: matching_step(m, batch, 5, fce))
 
 
-def _reptile() -> None:
-    reptile_step(conv4(), episodes((1, 28, 28)), 0.1, 3)
+def _snail(dev: str) -> Callable[[], None]:
+    embedding = conv4(dev, None)
+    m, batch = SNAIL(5, 1, embedding, embedding.embedding_size).to(dev), episodes(dev, (1, 28, 28), queries=1)
+    return _backward(lambda: snail_step(m, batch))
 
 
-def _adapt() -> None:  # meta-testing: predictions only, nothing to backpropagate
-    batch = episodes((1, 28, 28))
-    assert adapt(conv4(), batch.support_x, batch.support_y, 0.4, 2)(batch.query_x).shape == (T, 10, 5)
+def _meta_lstm(dev: str) -> Callable[[], None]:
+    m, batch = MetaLSTM(conv4(dev), hidden=4).to(dev), episodes(dev, (1, 28, 28))
+    return _backward(lambda: meta_lstm_step(m, batch, steps=2))
 
 
-STEPS = {
-    "maml conv4 2nd order": lambda: maml_step(conv4(), episodes((1, 28, 28)), 0.4, 2).loss,
-    "maml conv4 1st order": lambda: maml_step(conv4(), episodes((1, 28, 28)), 0.4, 2, True).loss,
-    "maml conv4 lslr msl": _lslr_msl,
-    "meta-sgd conv4": _meta_sgd,
-    "maml recompute steps": lambda: maml_step(conv4(), episodes((1, 28, 28)), 0.4, 3, recompute="steps").loss,
-    "maml recompute 1": lambda: maml_step(conv4(), episodes((1, 28, 28)), 0.4, 2, recompute=1).loss,
-    "maml recompute steps,2": lambda: maml_step(conv4(), episodes((1, 28, 28)), 0.4, 2, recompute=("steps", 2)).loss,
-    "maml anil": lambda: maml_step(conv4(), episodes((1, 28, 28)), 0.4, 2, adapt_params=["head"]).loss,
-    "maml resnet12 dropblock": lambda: (
-        maml_step(ResNet12(5, widths=(4, 8, 8, 8), drop_rate=0.1).to("meta"), episodes((3, 32, 32)), 0.4, 1).loss
-    ),
-    "maml traced model": lambda: maml_step(TwoPaths().to("meta"), episodes((6,)), 0.4, 2).loss,
-    "maml sinusoid mse": lambda: maml_step(MLP().to("meta"), _sinusoid(), 0.01, 3, loss_fn=F.mse_loss).loss,
+def _reptile(dev: str) -> Callable[[], None]:
+    m, batch = conv4(dev), episodes(dev, (1, 28, 28))
+
+    def run() -> None:  # writes the Reptile direction into .grad: no backward
+        reptile_step(m, batch, 0.1, 3)
+
+    return run
+
+
+def _adapt(dev: str) -> Callable[[], None]:  # meta-testing: predictions only, nothing to backpropagate
+    m, batch = conv4(dev), episodes(dev, (1, 28, 28))
+
+    def run() -> None:
+        assert adapt(m, batch.support_x, batch.support_y, 0.4, 2)(batch.query_x).shape == (T, 10, 5)
+
+    return run
+
+
+def _resnet12(dev: str) -> nn.Module:
+    return ResNet12(5, widths=(4, 8, 8, 8), drop_rate=0.1).to(dev)
+
+
+CONV = (1, 28, 28)
+STEPS: dict[str, Case] = {
+    "maml conv4 2nd order": _maml(conv4, CONV, 0.4, 2),
+    "maml conv4 1st order": _maml(conv4, CONV, 0.4, 2, True),
+    "maml conv4 lslr msl": _learned_lr(lambda m: LSLR(m, 2), multi_step_weights=msl_weights(2, 3)),
+    "meta-sgd conv4": _learned_lr(MetaSGDLR),
+    "maml recompute steps": _maml(conv4, CONV, 0.4, 3, recompute="steps"),
+    "maml recompute 1": _maml(conv4, CONV, 0.4, 2, recompute=1),
+    "maml recompute steps,2": _maml(conv4, CONV, 0.4, 2, recompute=("steps", 2)),
+    "maml anil": _maml(conv4, CONV, 0.4, 2, adapt_params=["head"]),
+    "maml resnet12 dropblock": _maml(_resnet12, (3, 32, 32), 0.4, 1),
+    "maml traced model": _maml(lambda dev: TwoPaths().to(dev), (6,), 0.4, 2),
+    "maml sinusoid mse": _sinusoid,
     "adapt": _adapt,
     "reptile": _reptile,
-    "protonet": lambda: protonet_step(conv4(None), episodes((1, 28, 28)), 5).loss,
+    "protonet": _embedding(lambda m, b: protonet_step(m, b, 5)),
     "matching fce": _matching_fce,
-    "siamese all pairs": lambda: siamese_step(conv4(None), episodes((1, 28, 28)), n_way=5).loss,
-    "siamese pairs": lambda: siamese_step(conv4(None), episodes((1, 28, 28)), mode="pairs", n_way=5).loss,
+    "siamese all pairs": _embedding(lambda m, b: siamese_step(m, b, n_way=5)),
+    "siamese pairs": _embedding(lambda m, b: siamese_step(m, b, mode="pairs", n_way=5)),
     "snail": _snail,
     "meta-lstm": _meta_lstm,
 }
@@ -161,14 +199,28 @@ STEPS = {
 
 @pytest.mark.parametrize("name", list(STEPS))
 def test_step_and_backward_never_read_device_values(name: str, gpu_layout: str) -> None:
+    run = STEPS[name](gpu_layout)
     with NoHostRead():
-        loss = STEPS[name]()
-        if loss is not None:
-            assert loss.device.type == gpu_layout
-            loss.backward()
+        run()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible: CUDA test skipped")
+@pytest.mark.parametrize("name", list(STEPS))
+def test_on_cuda_no_step_synchronizes(name: str) -> None:
+    """The same on a GPU, with the real kernels: torch's sync debug mode fails on any synchronising call
+    (stream or device synchronisation, a blocking copy, nonzero), from Python, ATen or fastmeta's kernels."""
+    run = STEPS[name]("cuda")
+    run()  # the first step may initialise things lazily (cuDNN, cuBLAS, the allocator)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def test_the_check_catches_a_read(gpu_layout: str) -> None:
     """The mode fails on a value read: n_way inferred from the labels must read them."""
+    m, batch = conv4(gpu_layout, None), episodes(gpu_layout, CONV)
     with NoHostRead(), pytest.raises(AssertionError, match="_local_scalar_dense"):
-        protonet_step(conv4(None), episodes((1, 28, 28)))
+        protonet_step(m, batch)
