@@ -11,6 +11,9 @@ Two ways to synchronise:
 - DistributedDataParallel around a module whose forward runs the meta-step and returns the loss (DDP only
   synchronises gradients that a backward through its forward produces: not Reptile's, which are written
   directly).
+
+With NCCL (gradients on GPUs), what the host must know at once (which parameters have gradients anywhere,
+`any_rank`'s flag) goes through a gloo group over the same processes, so that no step waits for its GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import Tensor, nn
 
 from fastmeta.data.episodes import shard_range
 
-__all__ = ["world", "init_from_env", "shard_range", "all_reduce_gradients", "broadcast_parameters", "close"]
+__all__ = ["world", "init_from_env", "shard_range", "all_reduce_gradients", "any_rank", "broadcast_parameters", "close"]
 
 
 def world() -> tuple[int, int]:
@@ -59,6 +62,7 @@ def close() -> None:
     writing a checkpoint) can abort in gloo's teardown."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        _host_groups.clear()
         dist.destroy_process_group()
 
 
@@ -93,13 +97,23 @@ def all_reduce_gradients(
         else torch.zeros(p.numel(), device=device, dtype=dtype)
         for p, g in zip(params, grads)
     ]
-    pieces.append(torch.tensor(present, device=device, dtype=dtype))
+    total = sum(p.numel() for p in params)
+    host = _host_group()
+    if host is dist.group.WORLD:  # gloo (CPU gradients): which ones exist goes in the same buffer, read once
+        host = None
+    if host is None:
+        pieces.append(torch.tensor(present, device=device, dtype=dtype))
     if extra is not None:
         pieces.append(extra.detach().reshape(-1).to(device=device, dtype=dtype))
     flat = torch.cat(pieces)
     dist.all_reduce(flat)
-    total = sum(p.numel() for p in params)
-    anywhere = (flat[total : total + len(params)] > 0).tolist()  # one host sync, not one per parameter
+    if host is None:
+        anywhere = (flat[total : total + len(params)] > 0).tolist()  # one host read, not one per parameter
+        extra_at = total + len(params)
+    else:  # NCCL (GPU gradients): the flags through the gloo host group, so reading them never waits for the GPU
+        flags = torch.tensor(present, dtype=torch.int32)
+        dist.all_reduce(flags, group=host)
+        anywhere, extra_at = (flags > 0).tolist(), total
     offset = 0
     for p, has_grad in zip(params, anywhere):
         n = p.numel()
@@ -112,7 +126,42 @@ def all_reduce_gradients(
         offset += n
     if extra is None:
         return None
-    return flat[total + len(params) :].to(extra.dtype).view_as(extra)
+    return flat[extra_at:].to(extra.dtype).view_as(extra)
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any process (the same answer on every one); `flag` itself without a process
+    group. Through the host group where there is one, so that it does not wait for a GPU."""
+    if world()[1] == 1:
+        return flag
+    host = _host_group()
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    if host is None:  # no gloo: through the default group's device
+        t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, group=host)
+    return bool(t.item() > 0)
+
+
+# Tests set this to make the host group a gloo group of its own even where the default group is gloo, to run
+# the path that NCCL jobs take.
+_SEPARATE_HOST_GROUP = False
+_host_groups: dict[int, object] = {}
+
+
+def _host_group() -> object | None:
+    """The process group for values the host holds (which parameters have gradients, a stop flag): the default
+    group where it is gloo; else a gloo group over the same processes, made on first use (by every process
+    together, as they all reach their first all-reduce), so exchanging those values never waits for a GPU.
+    None without gloo."""
+    if dist.get_backend() == "gloo" and not _SEPARATE_HOST_GROUP:
+        return dist.group.WORLD
+    if not dist.is_gloo_available():
+        return None
+    key = id(dist.group.WORLD)  # a new default group (init, destroy, init) gets a new host group
+    if key not in _host_groups:
+        _host_groups.clear()
+        _host_groups[key] = dist.new_group(backend="gloo")
+    return _host_groups[key]
 
 
 def broadcast_parameters(module: nn.Module, src: int = 0) -> None:

@@ -408,8 +408,8 @@ def _step(
 ) -> _StepNumbers:
     """One meta-step on this process's tasks; with several processes, the meta-gradient (and the logged loss
     and accuracy) are summed over them weighted by `share`, this process's fraction of the meta-batch, and
-    `stop` is true on every process when it is on any (those numbers are agreed on at once: the processes
-    exchange them with the gradients)."""
+    `stop` is true on every process when it is on any (agreed on at once, through the host: see
+    distributed.any_rank)."""
     learner = config.learner
     opt.zero_grad(set_to_none=True)
     out = learner.objective(config, model, aux, batch)
@@ -422,9 +422,8 @@ def _step(
     values = torch.stack([loss.detach().double(), acc.detach().double()])
     params = [p for group in opt.param_groups for p in group["params"]]
     if distributed.world()[1] > 1:
-        extra = torch.cat([values * share, torch.tensor([float(stop)], dtype=torch.float64, device=values.device)])
-        values = distributed.all_reduce_gradients(params, share, extra)
-        stop = bool(values[2] > 0)
+        values = distributed.all_reduce_gradients(params, share, values * share)
+        stop = distributed.any_rank(stop)
     else:
         distributed.all_reduce_gradients(params, share)  # (only scales the gradients by share, here 1)
     if learner.after_backward is not None:

@@ -82,11 +82,19 @@ def meta_gradients(tasks: int) -> dict:
         except TypeError as e:
             results["ddp error"] = str(e)
     results["tasks seen"] = batch.num_tasks
+    if size > 1:  # a gradient on one rank only counts as zero on the others; none anywhere stays None
+        some, none = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))
+        some.grad = torch.ones(2) if rank == 1 else None
+        distributed.all_reduce_gradients([some, none], 1.0)
+        results["presence"] = (some.grad.tolist(), none.grad is None)
+        results["any rank"] = (distributed.any_rank(rank == 1), distributed.any_rank(False))
     return results
 
 
 if __name__ == "__main__":
     rank, size = distributed.init_from_env("gloo")
+    # "separate": host values through a gloo group of their own, the path of NCCL jobs (whose gradients are on GPUs)
+    distributed._SEPARATE_HOST_GROUP = sys.argv[3:] == ["separate"]
     found = meta_gradients(int(sys.argv[2]))
     found["world size"] = size
     gathered: list = [None] * size

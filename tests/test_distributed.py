@@ -82,12 +82,14 @@ def _oracle(tasks: int) -> dict:
 
 
 @needs_gloo
-def test_two_processes_give_the_single_process_meta_gradient(tmp_path):
+@pytest.mark.parametrize("host_group", ["default", "separate"])
+def test_two_processes_give_the_single_process_meta_gradient(tmp_path, host_group):
     """2 gloo processes, 5 tasks split 2 + 3: MAML, FOMAML, Meta-SGD, Reptile, prototypical, Siamese, matching
     (with full-context embeddings), SNAIL and Meta-LSTM meta-gradients (and DDP around a meta-step module) equal
-    one process's on all 5 tasks, in float64."""
+    one process's on all 5 tasks, in float64. "separate": which parameters have gradients and the stop flag go
+    through a gloo group of their own, as in NCCL jobs."""
     out = tmp_path / "grads.pt"
-    torchrun(2, str(HERE / "dist_worker.py"), str(out), "5")
+    torchrun(2, str(HERE / "dist_worker.py"), str(out), "5", host_group)
     got = torch.load(out, weights_only=False)
     want, modes = _oracle(5)
     assert got["world size"] == 2 and got["tasks seen"] == [2, 3] and want["tasks seen"] == 5
@@ -99,6 +101,7 @@ def test_two_processes_give_the_single_process_meta_gradient(tmp_path):
     for mode in modes:
         assert got[mode + " loss"] == pytest.approx(want[mode + " loss"], rel=1e-9)
     assert "DistributedDataParallel" in got["ddp error"] and "all_reduce_gradients" in got["ddp error"]
+    assert got["presence"] == ([1.0, 1.0], True) and got["any rank"] == (True, False)
 
 
 SIN = [
