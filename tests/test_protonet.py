@@ -78,8 +78,10 @@ def test_class_prototypes_and_bad_input():
     torch.testing.assert_close(protos, torch.stack([(z[0, 1] + z[0, 3]) / 2, (z[0, 0] + z[0, 2]) / 2]).unsqueeze(0))
     with pytest.raises(ValueError, match="a support example of each of the 3 classes"):
         class_prototypes(z, torch.tensor([[1, 0, 1, 0]]), 3)
-    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\), got \[0, 2\]"):
         class_prototypes(z, torch.tensor([[1, 0, 2, 0]]), 2)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 2\), got \[-1, 1\]"):
+        class_prototypes(z, torch.tensor([[1, -1, 1, 0]]), 2)
     with pytest.raises(ValueError, match="support must be"):
         class_prototypes(z[0], torch.tensor([1, 0, 1, 0]), 2)
     x = torch.rand(2, 4, 3)
