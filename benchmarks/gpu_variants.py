@@ -7,6 +7,9 @@ Variants (each replaces one piece of fastmeta.algorithms._batched for its calls 
   as built              fastmeta.maml_step
   ATen double backward  grouped convolutions through F.conv2d, whose double backward runs one convolution per
                         group (what the runner did before its own, fastmeta.algorithms._conv)
+  ATen batch-norm double backward
+                        batch norms differentiated twice (not followed by a max-pool: ResNet-12's) through
+                        F.batch_norm, whose double backward is ATen's, instead of fastmeta.algorithms._norm
   F.batch_norm          BatchNorm -> ReLU -> max-pool as F.batch_norm, F.relu, pooling, instead of the fused
                         composite that pools before the affine map
   per-task large sets   the CPU's layout rule: sets of 16 or more examples (the query sets) per task, not grouped
@@ -45,9 +48,18 @@ def _unfused(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, pool: nn
     return pool(F.relu(F.batch_norm(x, None, None, w, b, True, 0.0, eps)))
 
 
+class _ATenNorm:
+    """Stands in for fastmeta.algorithms._norm: F.batch_norm, whose double backward is ATen's."""
+
+    @staticmethod
+    def batch_norm(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
+        return F.batch_norm(x, None, None, w, b, True, 0.0, eps)
+
+
 PATCHES: dict[str, list[tuple[object, str, object]]] = {
     "as built": [],
     "ATen double backward": [(_conv, "conv", _aten_conv)],
+    "ATen batch-norm double backward": [(_batched, "_norm", _ATenNorm)],
     "F.batch_norm": [(_batched, "_batch_norm_relu_pool", _unfused)],
     "per-task large sets": [(_batched, "GROUPED_ALWAYS", set())],
     # not a choice of the runner: cuDNN's autotuner (off by default in torch), for maml_step and vmap alike
