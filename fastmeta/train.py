@@ -375,7 +375,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 class _StepNumbers:
-    """A training step's logged loss and accuracy (and the processes' stop flag), on their way to the host.
+    """A training step's logged loss and accuracy, on their way to the host, and whether the run stops.
 
     On a GPU they are copied without waiting and read() waits for that step alone: the loop reads a step's
     numbers after issuing the next one, so the host queues step k + 1 while the device still runs step k (a
@@ -393,7 +393,7 @@ class _StepNumbers:
     def read(self) -> dict:
         if self.event is not None:
             self.event.synchronize()
-        loss, acc = self.values.tolist()[:2]
+        loss, acc = self.values.tolist()
         return {"loss": loss, "accuracy": None if math.isnan(acc) else acc}
 
 
@@ -421,11 +421,8 @@ def _step(
     acc = loss.new_full((), math.nan) if out.accuracy is None else out.accuracy.float().mean()
     values = torch.stack([loss.detach().double(), acc.detach().double()])
     params = [p for group in opt.param_groups for p in group["params"]]
-    if distributed.world()[1] > 1:
-        values = distributed.all_reduce_gradients(params, share, values * share)
-        stop = distributed.any_rank(stop)
-    else:
-        distributed.all_reduce_gradients(params, share)  # (only scales the gradients by share, here 1)
+    values = distributed.all_reduce_gradients(params, share, values * share)  # (one process: as they are)
+    stop = distributed.any_rank(stop)
     if learner.after_backward is not None:
         learner.after_backward(config, params)
     opt.step()
