@@ -51,9 +51,13 @@ class TaskBatch:
                 f"TaskBatch: support_x examples have shape {tuple(self.support_x.shape[2:])} but query_x examples "
                 f"have {tuple(self.query_x.shape[2:])}"
             )
-        devices = {t.device for t in (self.support_x, self.support_y, self.query_x, self.query_y)}
+        devices = {t.device for t in self._tensors}
         if len(devices) > 1:
             raise ValueError(f"TaskBatch: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+    @property
+    def _tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.support_x, self.support_y, self.query_x, self.query_y
 
     @property
     def num_tasks(self) -> int:
@@ -72,9 +76,9 @@ class TaskBatch:
         def move(t: Tensor) -> Tensor:
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None, non_blocking=non_blocking)
 
-        return TaskBatch(*(move(t) for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
+        return TaskBatch(*map(move, self._tensors))
 
     def pin_memory(self) -> TaskBatch:
         """The batch in page-locked host memory (CPU tensors), from which `.to("cuda", non_blocking=True)`
         copies without making the host wait for the GPU."""
-        return TaskBatch(*(t.pin_memory() for t in (self.support_x, self.support_y, self.query_x, self.query_y)))
+        return TaskBatch(*(t.pin_memory() for t in self._tensors))
