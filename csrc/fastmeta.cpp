@@ -35,6 +35,15 @@ TORCH_LIBRARY(fastmeta, m) {
   m.def(
       "contrastive_loss_all_pairs_backward(Tensor grad, Tensor embeddings, Tensor labels, float margin, "
       "float eps) -> Tensor");
+
+  // Batch norm's double backward (training mode): the gradients (d_gy, d_x, d_weight) w.r.t. (gy, x, weight) of
+  // <ggx, gx> + <ggw, gw> + <ggb, gb>, where (gx, gw, gb) is batch norm's backward at x (N, C, *spatial) for the
+  // upstream gradient gy, with the forward's saved mean and rstd (C,). Undefined ggx/ggw/ggb count as zeros, an
+  // undefined weight as ones (d_weight is then the gradient w.r.t. those ones); d_weight is (C,) in weight's
+  // dtype (x's without one). Not differentiable (fastmeta/reference.py batch_norm_double_backward is).
+  m.def(
+      "batch_norm_double_backward(Tensor gy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, Tensor? ggx, "
+      "Tensor? ggw, Tensor? ggb) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -12,6 +12,9 @@ fast_weight_update, new = decay * params - lr * grads
     double backward  csrc/autograd/fast_weight_update.cpp FastWeightUpdate::backward, grad-mode branch (ATen ops)
     torch.func       _backward_formula (backward under grad mode), _FastWeightUpdate.jvp (forward mode),
                      _FastWeightUpdate.vmap / _vmap_op (batching rules)
+batch_norm_double_backward (batch norm's backward differentiated again; fastmeta/algorithms/_norm.py)
+    definition       fastmeta/reference.py batch_norm_double_backward (also the path under create_graph)
+    kernel           csrc/batch_norm.h (the formula per channel); csrc/cpu/batch_norm.cpp; csrc/cuda/batch_norm.cu
 pairwise_distance, contrastive_loss, contrastive_loss_all_pairs
     definition       fastmeta/reference.py (also the double backward and the torch.func path)
     forward          csrc/cpu/contrastive.cpp; csrc/cuda/contrastive.cu
@@ -288,6 +291,21 @@ def _use_kernel(t: Tensor) -> bool:
     return not torch._C._are_functorch_transforms_active()
 
 
+def _batch_norm_double_backward(
+    gy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, ggx: Tensor | None,
+    ggw: Tensor | None, ggb: Tensor | None, eps: float, needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+    """Batch norm's backward differentiated again (training mode), for fastmeta.algorithms._norm: (d_gy, d_x,
+    d_weight), None where not in `needs` (d_weight also without a weight). gy, x, ggx: (N, C, *spatial);
+    weight, mean, rstd (the forward's saved statistics), ggw, ggb: (C,). The kernel when no input needs a
+    gradient of its own (a further derivative), else the reference's differentiable formula."""
+    further = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gy, x, weight, ggx, ggw, ggb))
+    if further or not _use_kernel(x):
+        return reference.batch_norm_double_backward(gy, x, weight, ggx, ggw, ggb, eps, needs)
+    d_gy, d_x, d_w = torch.ops.fastmeta.batch_norm_double_backward(gy, x, weight, mean, rstd, ggx, ggw, ggb)
+    return d_gy if needs[0] else None, d_x if needs[1] else None, d_w if needs[2] and weight is not None else None
+
+
 def _tensors(*args: object) -> bool:
     """Whether every argument is a tensor. The kernel path checks its arguments once, in C++ (csrc/checks.h,
     the same messages as the reference's checks); anything else goes to the reference, which says what is wrong."""
@@ -407,6 +425,15 @@ if _kernels.AVAILABLE:
     @torch.library.register_fake("fastmeta::contrastive_loss_all_pairs_backward")
     def _all_pairs_backward_fake(grad, embeddings, labels, margin, eps):  # noqa: ANN001, ANN202
         return torch.empty_like(embeddings, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("fastmeta::batch_norm_double_backward")
+    def _batch_norm_double_backward_fake(gy, x, weight, mean, rstd, ggx, ggw, ggb):  # noqa: ANN001, ANN202
+        # the CPU kernel keeps a channels-last x's layout; otherwise the outputs are contiguous
+        last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+        keep = x.device.type == "cpu" and last and not x.is_contiguous() and x.is_contiguous(memory_format=last)
+        fmt = last if keep else torch.contiguous_format
+        d_w = x.new_empty(x.shape[1:2], dtype=x.dtype if weight is None else weight.dtype)
+        return torch.empty_like(x, memory_format=fmt), torch.empty_like(x, memory_format=fmt), d_w
 
     torch.library.register_autograd(
         "fastmeta::pairwise_distance", _pairwise_distance_backward, setup_context=_pairwise_distance_setup

@@ -250,3 +250,67 @@ def contrastive_loss_all_pairs(embeddings: Tensor, labels: Tensor, margin: float
     n = e.shape[0]
     upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=e.device), diagonal=1)
     return _pair_loss(sq[upper], same[upper], margin, eps).mean().to(embeddings.dtype)
+
+
+def batch_norm_double_backward(
+    gy: Tensor, x: Tensor, weight: Tensor | None, ggx: Tensor | None, ggw: Tensor | None, ggb: Tensor | None,
+    eps: float, needs: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+    """Batch norm's double backward (training mode): the gradients (d_gy, d_x, d_weight) w.r.t. (gy, x, weight)
+    of <ggx, gx> + <ggw, gw> + <ggb, gb>, where (gx, gw, gb) is batch norm's backward at x (N, C, *spatial) for
+    the upstream gradient gy (x's shape), weight (C,) or None. Missing upstream gradients count as zeros; outputs
+    not in `needs` (and d_weight without a weight) are None. Per channel, with x^ = (x - mean) r,
+    r = (var + eps)^-1/2, M elements, s = w r, sums S:
+
+        A     = S(ggx gy) - S(ggx) mean(gy) - S(ggx x^) S(gy x^) / M
+        v     = ggw gy - s / M (ggx S(gy x^) + gy S(ggx x^))
+        d gy  = s (ggx - mean(ggx) - x^ mean(ggx x^)) + ggw x^ + ggb
+        d x   = r (v - mean(v) - x^ mean(v x^)) - s r A x^ / M
+        d w   = r A
+
+    (d x: v is the derivative w.r.t. x^ at fixed r, taken through x^(x); the last term through r(x).) The
+    statistics are recomputed from x, in differentiable ops (half types in float32), so a further derivative is
+    exact too; the kernel (fastmeta::batch_norm_double_backward) reads the forward's saved ones instead.
+    """
+    dtype, low = x.dtype, x.dtype in (torch.float16, torch.bfloat16)
+    if low:  # the statistics in float32, as ATen's kernels keep them
+        gy, x, ggx = gy.float(), x.float(), None if ggx is None else ggx.float()
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    M = x.numel() // x.shape[1]
+
+    def total(t: Tensor) -> Tensor:
+        return t.sum(dims, keepdim=True)
+
+    centred = x - x.mean(dims, keepdim=True)
+    r = torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
+    normed = centred * r
+    s = r if weight is None else r * weight.view(shape).to(r.dtype)
+    d_gy = v = d_x = d_w = None
+    if ggx is not None:
+        s_ggx, s_gg, s_gy = total(ggx), total(ggx * normed), total(gy * normed)
+        if needs[1] or needs[2]:
+            A = total(ggx * gy) - s_ggx * (total(gy) / M) - s_gg * s_gy / M
+            d_w = (r * A).view(-1) if weight is not None and needs[2] else None
+            if needs[1]:
+                v = (s / -M) * (ggx * s_gy + gy * s_gg)
+                d_x = (s * r * A / -M) * normed
+        if needs[0]:
+            d_gy = s * (ggx - s_ggx / M - normed * (s_gg / M))
+    if ggw is not None:
+        gw = ggw.view(shape).to(normed.dtype)
+        if needs[1]:
+            v = gw * gy if v is None else v + gw * gy
+        if needs[0]:
+            d_gy = gw * normed if d_gy is None else d_gy + gw * normed
+    if ggb is not None and needs[0]:
+        gb = ggb.view(shape).to(normed.dtype)
+        d_gy = gb.expand_as(normed) if d_gy is None else d_gy + gb
+    if v is not None:
+        d_v = r * (v - v.mean(dims, keepdim=True) - normed * (v * normed).mean(dims, keepdim=True))
+        d_x = d_v if d_x is None else d_x + d_v
+    return (
+        None if d_gy is None else d_gy.to(dtype),
+        None if d_x is None else d_x.to(dtype),
+        None if d_w is None else d_w.to(weight.dtype),
+    )

@@ -10,8 +10,11 @@ the derivative of
     x^ = (x - mean) * r,  r = (var + eps)^-1/2          (per channel, over the M = N * spatial elements)
     gb = sum(gy),  gw = sum(gy * x^),  gx = w * r * (gy - gb / M - x^ * gw / M)
 
-written out in about 40 elementwise ops and reductions (see _double_backward), themselves differentiable: the
-same function as F.batch_norm's gradients, and exact to third order, which ATen's batch norm does not have.
+in one call of fastmeta's kernel (`fastmeta::batch_norm_double_backward`: per channel one pass to sum, one to
+write; csrc/batch_norm.h) when no further derivative is taken, as in second-order MAML's outer backward. Under
+create_graph (a third derivative) and where the kernels do not run, it is the same formula written out in about
+50 differentiable ops (fastmeta/reference.py batch_norm_double_backward): the same function as F.batch_norm's
+gradients, and exact to third order, which ATen's batch norm does not have.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from fastmeta import ops
 
 _aten = torch.ops.aten
 
@@ -57,68 +62,18 @@ class _BatchNormBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gy, x, w, mean, rstd, eps: float, mask: tuple[bool, bool, bool]):  # noqa: ANN001, ANN205
         gx, gw, gb = _aten.native_batch_norm_backward(gy, x, w, None, None, mean, rstd, True, eps, list(mask))
-        ctx.save_for_backward(gy, x, w)
+        ctx.save_for_backward(gy, x, w, mean, rstd)
         ctx.eps = eps
         return gx, gw, gb
 
     @staticmethod
     def backward(ctx, ggx, ggw, ggb):  # noqa: ANN001, ANN205
-        gy, x, w = ctx.saved_tensors
-        grads = _double_backward(gy, x, w, ggx, ggw, ggb, ctx.eps, ctx.needs_input_grad[:3])
+        gy, x, w, mean, rstd = ctx.saved_tensors
+        grads = _double_backward(gy, x, w, mean, rstd, ggx, ggw, ggb, ctx.eps, ctx.needs_input_grad[:3])
         return (*grads, None, None, None, None)
 
 
-def _double_backward(gy, x, w, ggx, ggw, ggb, eps, needs):  # noqa: ANN001, ANN202
-    """Gradients w.r.t. (gy, x, w) of <ggx, gx> + <ggw, gw> + <ggb, gb>, where (gx, gw, gb) is batch norm's
-    backward at x for gy. Per channel, with x^ = (x - mean) r, r = (var + eps)^-1/2, M elements, w r = s, sums S:
-
-        A     = S(ggx gy) - S(ggx) mean(gy) - S(ggx x^) S(gy x^) / M
-        v     = ggw gy - s / M (ggx S(gy x^) + gy S(ggx x^))
-        d gy  = s (ggx - mean(ggx) - x^ mean(ggx x^)) + ggw x^ + ggb
-        d x   = r (v - mean(v) - x^ mean(v x^)) - s r A x^ / M
-        d w   = r A
-
-    (d x: v is the derivative w.r.t. x^ at fixed r, taken through x^(x); the last term through r(x).) Written in
-    differentiable ops, so a further derivative is exact too. Missing upstream gradients count as zeros."""
-    dtype, low = x.dtype, x.dtype in (torch.float16, torch.bfloat16)
-    if low:  # the statistics in float32, as ATen's kernels keep them
-        gy, x, ggx = gy.float(), x.float(), None if ggx is None else ggx.float()
-    dims = [0, *range(2, x.dim())]
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    M = x.numel() // x.shape[1]
-
-    def total(t: Tensor) -> Tensor:
-        return t.sum(dims, keepdim=True)
-
-    centred = x - x.mean(dims, keepdim=True)
-    r = torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
-    normed = centred * r
-    s = r if w is None else r * w.view(shape).to(r.dtype)
-    d_gy = v = d_x = d_w = None
-    if ggx is not None:
-        s_ggx, s_gg, s_gy = total(ggx), total(ggx * normed), total(gy * normed)
-        if needs[1] or needs[2]:
-            A = total(ggx * gy) - s_ggx * (total(gy) / M) - s_gg * s_gy / M
-            d_w = (r * A).view(-1) if w is not None and needs[2] else None
-            if needs[1]:
-                v = (s / -M) * (ggx * s_gy + gy * s_gg)
-                d_x = (s * r * A / -M) * normed
-        if needs[0]:
-            d_gy = s * (ggx - s_ggx / M - normed * (s_gg / M))
-    if ggw is not None:
-        gw = ggw.view(shape).to(normed.dtype)
-        if needs[1]:
-            v = gw * gy if v is None else v + gw * gy
-        if needs[0]:
-            d_gy = gw * normed if d_gy is None else d_gy + gw * normed
-    if ggb is not None and needs[0]:
-        gb = ggb.view(shape).to(normed.dtype)
-        d_gy = gb.expand_as(normed) if d_gy is None else d_gy + gb
-    if v is not None:
-        d_v = r * (v - v.mean(dims, keepdim=True) - normed * (v * normed).mean(dims, keepdim=True))
-        d_x = d_v if d_x is None else d_x + d_v
-    return (
-        None if d_gy is None else d_gy.to(dtype),
-        None if d_x is None else d_x.to(dtype),
-        None if d_w is None else d_w.to(w.dtype),
-    )
+def _double_backward(gy, x, w, mean, rstd, ggx, ggw, ggb, eps, needs):  # noqa: ANN001, ANN202
+    """(d_gy, d_x, d_w), None where not needed: the kernel (per channel, one pass to sum and one to write) unless
+    a further derivative is taken (create_graph), then the same formula in differentiable ops."""
+    return ops._batch_norm_double_backward(gy, x, w, mean, rstd, ggx, ggw, ggb, eps, needs)

@@ -1,0 +1,116 @@
+// CUDA kernel of batch norm's double backward (csrc/batch_norm.h has the formula): one launch for the whole
+// layer, one block per channel. The block sums S(ggx), S(ggx x^), S(gy x^), S(ggx gy), S(gy) over the channel's
+// M = N * L elements of the contiguous (N, C, L) inputs, thread 0 turns them into the channel's coefficients,
+// and the block writes d_gy and d_x (the second read of the channel's inputs mostly from L2). In place of the
+// ~50 launches (~70 passes over a tensor of x's size) of the same formula written in ATen ops. Other layouts are
+// made contiguous first.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+#include "../batch_norm.h"
+#include "reduce.cuh"
+
+namespace fastmeta {
+namespace {
+
+using at::Tensor;
+using cuda::block_sum;
+
+constexpr int kThreads = 256;
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) double_backward_kernel(
+    const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x, const scalar_t* __restrict__ ggx,
+    scalar_t* __restrict__ d_gy, scalar_t* __restrict__ d_x, acc_t* __restrict__ d_w, const acc_t* __restrict__ mean,
+    const acc_t* __restrict__ rstd, const acc_t* __restrict__ w, const acc_t* __restrict__ ggw,
+    const acc_t* __restrict__ ggb, int64_t N, int64_t C, int64_t L) {
+  const int64_t c = blockIdx.x, M = N * L;
+  const acc_t mu = mean[c], r = rstd[c];
+  acc_t s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0;
+  for (int64_t i = threadIdx.x; i < M; i += kThreads) {
+    const int64_t n = i / L, e = (n * C + c) * L + (i - n * L);
+    const acc_t g = static_cast<acc_t>(gy[e]), gg = static_cast<acc_t>(ggx[e]);
+    const acc_t h = (static_cast<acc_t>(x[e]) - mu) * r;
+    s1 += gg;
+    s2 += gg * h;
+    s3 += g * h;
+    s4 += gg * g;
+    s5 += g;
+  }
+  s1 = block_sum<kThreads>(s1);
+  s2 = block_sum<kThreads>(s2);
+  s3 = block_sum<kThreads>(s3);
+  s4 = block_sum<kThreads>(s4);
+  s5 = block_sum<kThreads>(s5);
+  __shared__ BnCoefs<acc_t> shared;
+  if (threadIdx.x == 0) {
+    shared = bn_coefs<acc_t>(
+        mu, r, w ? w[c] : acc_t(1), ggw ? ggw[c] : acc_t(0), ggb ? ggb[c] : acc_t(0), static_cast<acc_t>(M), s1,
+        s2, s3, s4, s5);
+    d_w[c] = shared.d_w;
+  }
+  __syncthreads();
+  const BnCoefs<acc_t> k = shared;
+  for (int64_t i = threadIdx.x; i < M; i += kThreads) {
+    const int64_t n = i / L, e = (n * C + c) * L + (i - n * L);
+    const acc_t g = static_cast<acc_t>(gy[e]), gg = static_cast<acc_t>(ggx[e]);
+    const acc_t h = (static_cast<acc_t>(x[e]) - k.mean) * k.r;
+    d_gy[e] = static_cast<scalar_t>(k.gy_ggx * gg + k.gy_xh * h + k.gy_c);
+    d_x[e] = static_cast<scalar_t>(k.x_gy * g + k.x_ggx * gg + k.x_xh * h + k.x_c);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_double_backward_cuda(
+    const Tensor& gy_, const Tensor& x_, const std::optional<Tensor>& weight_, const Tensor& mean_,
+    const Tensor& rstd_, const std::optional<Tensor>& ggx_, const std::optional<Tensor>& ggw_,
+    const std::optional<Tensor>& ggb_) {
+  const Tensor none;
+  const Tensor& weight = weight_ ? *weight_ : none;
+  const Tensor& ggx_in = ggx_ ? *ggx_ : none;
+  const Tensor& ggw_in = ggw_ ? *ggw_ : none;
+  const Tensor& ggb_in = ggb_ ? *ggb_ : none;
+  check_batch_norm_double_backward(gy_, x_, weight, mean_, rstd_, ggx_in, ggw_in, ggb_in);
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const int64_t N = x_.size(0), C = x_.size(1), L = x_.numel() / std::max<int64_t>(N * C, 1);
+  const Tensor x = x_.contiguous(), gy = gy_.contiguous();
+  const Tensor ggx = ggx_in.defined() ? ggx_in.contiguous() : at::zeros_like(x);
+  Tensor d_gy = at::empty_like(x), d_x = at::empty_like(x);
+  const auto w_dtype = weight.defined() ? weight.scalar_type() : x.scalar_type();
+  Tensor d_w;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_double_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+    auto per_channel = [&](const Tensor& t) { return t.defined() ? t.to(acc).contiguous() : t; };
+    const Tensor mean = per_channel(mean_), r = per_channel(rstd_), w = per_channel(weight);
+    const Tensor gw = per_channel(ggw_in), gb = per_channel(ggb_in);
+    auto ptr = [](const Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
+    Tensor dw = at::zeros({C}, x.options().dtype(acc));
+    if (x.numel() > 0) {
+      double_backward_kernel<scalar_t, acc_t><<<C, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), ggx.const_data_ptr<scalar_t>(),
+          d_gy.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(), dw.data_ptr<acc_t>(), ptr(mean), ptr(r), ptr(w),
+          ptr(gw), ptr(gb), N, C, L);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    d_w = dw.to(w_dtype);
+  });
+  return {d_gy, d_x, d_w};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmeta, CUDA, m) { m.impl("batch_norm_double_backward", &batch_norm_double_backward_cuda); }
+
+}  // namespace fastmeta
