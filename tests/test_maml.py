@@ -21,8 +21,8 @@ D64 = torch.float64
 def conv4(channels=4, n_way=3, bn=True, in_channels=1, bn_signs="mixed"):
     """Conv4 (4 x [conv3x3, BatchNorm, ReLU, maxpool 2]) on 16x16 inputs, with a named head for ANIL.
 
-    bn_signs="mixed": BatchNorm scales of both signs (max-pooling commutes with a negative scale only through
-    the sign trick of _batch_norm_relu_pool); "positive": the default init (ones)."""
+    bn_signs="mixed": BatchNorm scales of both signs (a negative scale changes which element a max-pool after
+    the ReLU picks); "positive": the default init (ones)."""
     layers = []
     for i in range(4):
         layers += [nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1)]

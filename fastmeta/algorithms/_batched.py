@@ -209,27 +209,22 @@ class _Conv(_Layer):
 class _BatchNorm(_Layer):
     def __init__(self, module: nn.Module, prefix: str, pool: nn.Module | None = None) -> None:
         super().__init__(module, prefix)
-        self.pool = pool  # BatchNorm -> ReLU -> this max-pool, computed as one layer
+        self.pool = pool  # BatchNorm -> ReLU -> this max-pool, one layer: max-pooled, then ReLU (they commute)
 
     def __call__(self, x: Activation, params: dict[str, Tensor], T: int, twice: bool) -> Activation:
         m = self.module
         batch_stats = m.training or m.running_mean is None
         mean = None if batch_stats else m.running_mean
         var = None if batch_stats else m.running_var
-        fused = self.pool is not None and batch_stats and twice
         if isinstance(x, Tensor):  # (T, N, C, ...) -> one batch norm over T*C channels
             x = Grouped.of(x, T)
         if isinstance(x, Grouped):  # one batch norm over T*C channels: per task and channel statistics
             w = _grouped_param(params, self.prefix + "weight", m.weight, T)
             b = _grouped_param(params, self.prefix + "bias", m.bias, T)
-            if fused:
-                return Grouped(_batch_norm_relu_pool(x.x, w, b, m.eps, self.pool), T)
             mean, var = (None, None) if batch_stats else (mean.repeat(T), var.repeat(T))
             return self.relu_pool(Grouped(_batch_norm(x.x, mean, var, w, b, batch_stats, m.eps, twice), T))
         ws = _split(params, self.prefix + "weight", m.weight, T)
         bs = _split(params, self.prefix + "bias", m.bias, T)
-        if fused:
-            return [_batch_norm_relu_pool(t, w, b, m.eps, self.pool) for t, w, b in zip(_tasks(x), ws, bs)]
         return self.relu_pool(
             [_batch_norm(t, mean, var, w, b, batch_stats, m.eps, twice) for t, w, b in zip(_tasks(x), ws, bs)]
         )
@@ -251,31 +246,6 @@ def _batch_norm(
     if batch_stats and twice:
         return _norm.batch_norm(x, w, b, eps)
     return F.batch_norm(x, mean, var, w, b, training=batch_stats, eps=eps)
-
-
-def _batch_norm_relu_pool(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, pool: nn.Module) -> Tensor:
-    """maxpool(relu(batch_norm(x))) with batch statistics, x (N, C, *spatial), pooling before the affine map.
-
-    batch_norm is x * s + t per channel, and max-pooling commutes with it channel by channel: pooling of
-    s * x is |s| times the pooling of sign(s) * x. Written so, only the statistics see the full-resolution
-    input; second-order gradients (which differentiate the batch-norm backward again) then cost far less
-    than through F.batch_norm's double backward (on a 2-core CPU, a second-order Conv4 inner step on 5-image
-    support sets: 445 instead of 564 ms for T=32). The same function, so the same gradients.
-    """
-    dims = [0, *range(2, x.dim())]
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    mean = x.mean(dims, keepdim=True)
-    var = (x - mean).square().mean(dims, keepdim=True)  # two passes: ATen's one-pass var_mean is 20x slower here
-    s = torch.rsqrt(var + eps)
-    if w is not None:
-        s = s * w.view(shape)
-    if x.device.type == "cpu" and bool((s > 0).all()):  # (no host sync on accelerators)
-        q = pool(x)
-    else:
-        sign = torch.where(s.detach() >= 0, 1.0, -1.0).to(x.dtype)
-        q = pool(x * sign) * sign
-    shift = -s * mean if b is None else b.view(shape) - s * mean
-    return F.relu(torch.addcmul(shift, q, s))
 
 
 class _LayerNorm(_Layer):
@@ -644,7 +614,7 @@ def _step(model: nn.Module, n: torch.fx.Node, dep: dict, users: dict, fused: set
         elif kind in _BATCHNORM:
             relu = _single_user(n, users)
             pool = _max_pool(model, _single_user(relu, users)) if _is_relu(model, relu) else None
-            if pool is not None:  # BatchNorm -> ReLU -> max-pool: one layer (see _batch_norm_relu_pool)
+            if pool is not None:  # BatchNorm -> ReLU -> max-pool: one layer (pooled before the ReLU: they commute)
                 fused.update({relu, _single_user(relu, users)})
                 layer = _BatchNorm(m, prefix, pool)
                 return step(_layer_fn(layer), _single_user(relu, users), layer.param_names)
