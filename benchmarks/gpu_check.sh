@@ -85,6 +85,9 @@ timeout "$(left 90 5)" $PY benchmarks/maml_resnet12.py --device cuda --methods f
 timeout "$(left 90 5)" $PY benchmarks/gpu_variants.py --device cuda --min-time 0.3 --rounds 2 >"$OUTDIR/variants.md" 2>&1
 # the training loop with the host reading each step at once against one step late (in the variants' file)
 timeout "$(left 30 5)" $PY benchmarks/train_overlap.py --device cuda --steps 20 --rounds 3 >>"$OUTDIR/variants.md" 2>&1
+# batch norm's double backward per layer: the kernel against the formula in ops and ATen's (in the variants' file)
+timeout "$(left 25 5)" $PY benchmarks/batch_norm_double_backward.py --device cuda --min-time 0.2 --rounds 3 \
+  >>"$OUTDIR/variants.md" 2>&1
 # where the time goes (issue 19): the top ops of a Conv4 and a ResNet-12 meta-step
 timeout "$(left 45 5)" $PY benchmarks/gpu_profile.py --device cuda >"$OUTDIR/profile.md" 2>&1
 # the contrastive table last (its targets are met); in the kernels' file (8 files come back at most)

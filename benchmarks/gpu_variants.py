@@ -8,10 +8,11 @@ Variants (each replaces one piece of fastmeta.algorithms._batched for its calls 
   ATen double backward  grouped convolutions through F.conv2d, whose double backward runs one convolution per
                         group (what the runner did before its own, fastmeta.algorithms._conv)
   ATen batch-norm double backward
-                        batch norms differentiated twice (not followed by a max-pool: ResNet-12's) through
-                        F.batch_norm, whose double backward is ATen's, instead of fastmeta.algorithms._norm
-  F.batch_norm          BatchNorm -> ReLU -> max-pool as F.batch_norm, F.relu, pooling, instead of the fused
-                        composite that pools before the affine map
+                        batch norms differentiated twice through F.batch_norm, whose double backward is ATen's
+                        (~110 calls a layer), instead of fastmeta.algorithms._norm
+  batch-norm double backward in ops
+                        fastmeta.algorithms._norm with its double backward in ~50 ATen ops (the reference, as
+                        under create_graph) instead of the kernel (fastmeta::batch_norm_double_backward)
   per-task large sets   the CPU's layout rule: sets of 16 or more examples (the query sets) per task, not grouped
   cudnn.benchmark       as built with torch.backends.cudnn.benchmark = True (cuDNN times its algorithms for each
                         shape on first use; torch's default is off); vmap likewise in its own row
@@ -30,11 +31,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from fastmeta import reference
 from fastmeta._bench import maml as conv4_bench
 from fastmeta._bench.kernels import interleaved_medians
-from fastmeta.algorithms import _batched, _conv
+from fastmeta.algorithms import _batched, _conv, _norm
 
 sys.path.insert(0, os.path.dirname(__file__))
 import maml_resnet12  # noqa: E402
@@ -44,8 +46,8 @@ def _aten_conv(x: Tensor, w: Tensor, b: Tensor | None, stride, padding, dilation
     return (F.conv1d, F.conv2d, F.conv3d)[w.dim() - 3](x, w, b, stride, padding, dilation, groups)
 
 
-def _unfused(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float, pool: nn.Module) -> Tensor:
-    return pool(F.relu(F.batch_norm(x, None, None, w, b, True, 0.0, eps)))
+def _double_backward_in_ops(gy, x, w, mean, rstd, ggx, ggw, ggb, eps, needs):  # noqa: ANN001, ANN202
+    return reference.batch_norm_double_backward(gy, x, w, ggx, ggw, ggb, eps, needs)
 
 
 class _ATenNorm:
@@ -60,7 +62,7 @@ PATCHES: dict[str, list[tuple[object, str, object]]] = {
     "as built": [],
     "ATen double backward": [(_conv, "conv", _aten_conv)],
     "ATen batch-norm double backward": [(_batched, "_norm", _ATenNorm)],
-    "F.batch_norm": [(_batched, "_batch_norm_relu_pool", _unfused)],
+    "batch-norm double backward in ops": [(_norm, "_double_backward", _double_backward_in_ops)],
     "per-task large sets": [(_batched, "GROUPED_ALWAYS", set())],
     # not a choice of the runner: cuDNN's autotuner (off by default in torch), for maml_step and vmap alike
     "cudnn.benchmark": [(torch.backends.cudnn, "benchmark", True)],

@@ -158,6 +158,9 @@ def _script(argv: list[str]) -> Run | str:
     if argv[1] == "benchmarks/train_overlap.py":
         args = argv[2:] if torch.cuda.is_available() else [a if a != "cuda" else "cpu" for a in argv[2:]]
         return Run([sys.executable, str(ROOT / argv[1]), *args, "--small", "--steps", "2", "--rounds", "1"])
+    if argv[1] == "benchmarks/batch_norm_double_backward.py":
+        args = argv[2:] if torch.cuda.is_available() else [a if a != "cuda" else "cpu" for a in argv[2:]]
+        return Run([sys.executable, str(ROOT / argv[1]), *args, "--small", "--min-time", "0", "--rounds", "1"])
     if argv[1] == "benchmarks/host_time.py":
         return Run([sys.executable, str(ROOT / argv[1]), *argv[2:], "--tasks", "2", "--rounds", "1"])
     if argv[1] == "benchmarks/fewshot_decode.py":  # writes its JPEGs under --root (here the run's folder)
