@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -35,12 +36,16 @@ __global__ void __launch_bounds__(kThreads) double_backward_kernel(
     const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x, const scalar_t* __restrict__ ggx,
     scalar_t* __restrict__ d_gy, scalar_t* __restrict__ d_x, acc_t* __restrict__ d_w, const acc_t* __restrict__ mean,
     const acc_t* __restrict__ rstd, const acc_t* __restrict__ w, const acc_t* __restrict__ ggw,
-    const acc_t* __restrict__ ggb, int64_t N, int64_t C, int64_t L) {
-  const int64_t c = blockIdx.x, M = N * L;
+    const acc_t* __restrict__ ggb, int N, int64_t C, int L) {
+  // i, n and l in 32 bits (a channel's M = N * L < 2^31 - 256, checked on the host): a 64-bit division per element
+  // would be emulated in tens of instructions
+  const int64_t c = blockIdx.x;
+  const int M = N * L;
   const acc_t mu = mean[c], r = rstd[c];
   acc_t s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0;
-  for (int64_t i = threadIdx.x; i < M; i += kThreads) {
-    const int64_t n = i / L, e = (n * C + c) * L + (i - n * L);
+  for (int i = threadIdx.x; i < M; i += kThreads) {
+    const int n = i / L;
+    const int64_t e = (n * C + c) * L + (i - n * L);
     const acc_t g = static_cast<acc_t>(gy[e]), gg = static_cast<acc_t>(ggx[e]);
     const acc_t h = (static_cast<acc_t>(x[e]) - mu) * r;
     s1 += gg;
@@ -63,8 +68,9 @@ __global__ void __launch_bounds__(kThreads) double_backward_kernel(
   }
   __syncthreads();
   const BnCoefs<acc_t> k = shared;
-  for (int64_t i = threadIdx.x; i < M; i += kThreads) {
-    const int64_t n = i / L, e = (n * C + c) * L + (i - n * L);
+  for (int i = threadIdx.x; i < M; i += kThreads) {
+    const int n = i / L;
+    const int64_t e = (n * C + c) * L + (i - n * L);
     const acc_t g = static_cast<acc_t>(gy[e]), gg = static_cast<acc_t>(ggx[e]);
     const acc_t h = (static_cast<acc_t>(x[e]) - k.mean) * k.r;
     d_gy[e] = static_cast<scalar_t>(k.gy_ggx * gg + k.gy_xh * h + k.gy_c);
@@ -84,6 +90,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_double_backward_cuda(
   check_batch_norm_double_backward(gy_, x_, weight, mean_, rstd_, ggx_in, ggw_in, ggb_in);
   const c10::cuda::CUDAGuard guard(x_.device());
   const int64_t N = x_.size(0), C = x_.size(1), L = x_.numel() / std::max<int64_t>(N * C, 1);
+  TORCH_CHECK_VALUE(
+      N * L <= std::numeric_limits<int>::max() - kThreads, "batch_norm_double_backward: x has ", N * L,
+      " elements per channel; the CUDA kernel takes at most 2^31 - 257");
   const Tensor x = x_.contiguous(), gy = gy_.contiguous();
   const Tensor ggx = ggx_in.defined() ? ggx_in.contiguous() : at::zeros_like(x);
   Tensor d_gy = at::empty_like(x), d_x = at::empty_like(x);
@@ -101,7 +110,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_double_backward_cuda(
       double_backward_kernel<scalar_t, acc_t><<<C, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), ggx.const_data_ptr<scalar_t>(),
           d_gy.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(), dw.data_ptr<acc_t>(), ptr(mean), ptr(r), ptr(w),
-          ptr(gw), ptr(gb), N, C, L);
+          ptr(gw), ptr(gb), static_cast<int>(N), C, static_cast<int>(L));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     d_w = dw.to(w_dtype);
