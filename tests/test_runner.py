@@ -346,6 +346,39 @@ def test_second_order_grouped_step_runs_one_convolution_per_call(monkeypatch):
     assert calls(2) == calls(6)
 
 
+def test_shared_weights_run_as_one_ordinary_convolution(monkeypatch):
+    """Layers that do not adapt (ANIL's body) have the same weights in every task: in the grouped layout they run
+    as one ordinary convolution over all N*T images (the module's groups, not T times them; no copy of the
+    weights per task), with the meta-gradient of the grouped form."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(_batched, "GROUPED_MAX_EXAMPLES", 10**9)
+
+    class Groups(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.convolution:
+                self.groups.append(args[8])
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    body = [nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()]
+    model = nn.Sequential(*body, nn.Linear(4 * 4 * 4, 3)).to(torch.float64)
+    batch, params = batch_of((1, 8, 8), T=3), list(model.parameters())
+
+    def step():
+        with Groups() as seen:
+            seen.groups = []
+            out = fastmeta.maml_step(model, batch, 0.3, 2, False, adapt_params=["5"], strategy="batched")
+        return seen.groups, grads_of(out.loss, params)
+
+    groups, grads = step()
+    assert groups and set(groups) == {1}
+    monkeypatch.setattr(_batched, "_per_task", lambda params, name, module_param: True)  # the grouped form
+    groups_before, want = step()
+    assert set(groups_before) == {3}
+    assert_grads_close(grads, want)
+
+
 @pytest.mark.parametrize("kind", ["metasgd", "lslr"])
 @pytest.mark.parametrize("name", ["resnet12", "functional"])
 def test_learned_learning_rates(name, kind, layout):

@@ -188,9 +188,20 @@ class _Conv(_Layer):
         m = self.module
         wide_tiny = _wide_tiny(x, m.in_channels)
         if _grouped_layout(x) and not wide_tiny:
+            g = Grouped.of(x, T).x  # (N, T*C, *spatial)
+            shared = not _per_task(params, self.prefix + "weight", m.weight) and (
+                m.bias is None or not _per_task(params, self.prefix + "bias", m.bias)
+            )
+            if shared:  # the same weights for every task (the initial ones): an ordinary convolution over the
+                # N*T images, each task's channels viewed as images of their own (no copy of the weights T times,
+                # no sum of their gradients over the tasks)
+                b = params[self.prefix + "bias"] if m.bias is not None else None
+                y = self.conv(g.reshape(-1, g.shape[1] // T, *g.shape[2:]), params[self.prefix + "weight"], b,
+                              m.groups, twice)  # fmt: skip
+                return Grouped(y.view(g.shape[0], -1, *y.shape[2:]), T)
             w = _grouped_param(params, self.prefix + "weight", m.weight, T)
             b = _grouped_param(params, self.prefix + "bias", m.bias, T)
-            return Grouped(self.conv(Grouped.of(x, T).x, w, b, m.groups * T, twice), T)
+            return Grouped(self.conv(g, w, b, m.groups * T, twice), T)
         xs = _tasks(x)
         if xs and xs[0].device.type == "cpu" and xs[0].dim() == 4:
             xs = [t.contiguous() if wide_tiny else _channels_last(t) for t in xs]
