@@ -16,7 +16,11 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/to.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
+
+#include <optional>
 
 #include "checks.h"
 
@@ -96,5 +100,41 @@ inline void check_batch_norm_double_backward(
   if (ggw.defined()) per_channel(ggw, "ggw");
   if (ggb.defined()) per_channel(ggb, "ggb");
 }
+
+// The op's optional arguments, undefined where absent, after check_batch_norm_double_backward.
+struct BnOptional {
+  at::Tensor weight, ggx, ggw, ggb;
+};
+
+inline BnOptional unpack_batch_norm_double_backward(
+    const at::Tensor& gy, const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& mean,
+    const at::Tensor& rstd, const std::optional<at::Tensor>& ggx, const std::optional<at::Tensor>& ggw,
+    const std::optional<at::Tensor>& ggb) {
+  auto get = [](const std::optional<at::Tensor>& t) { return t ? *t : at::Tensor(); };
+  BnOptional in{get(weight), get(ggx), get(ggw), get(ggb)};
+  check_batch_norm_double_backward(gy, x, in.weight, mean, rstd, in.ggx, in.ggw, in.ggb);
+  return in;
+}
+
+// The per-channel inputs in the accumulation type acc_t: contiguous (C,) tensors (converted where their dtype
+// differs, and held here), read through pointers that are null for an absent weight, ggw or ggb.
+template <typename acc_t>
+struct BnChannels {
+  at::Tensor held[5];
+  const acc_t *mean, *r, *w, *ggw, *ggb;
+
+  BnChannels(const at::Tensor& mean_, const at::Tensor& rstd, const BnOptional& in) {
+    const at::Tensor* from[5] = {&mean_, &rstd, &in.weight, &in.ggw, &in.ggb};
+    const acc_t* p[5];
+    for (int i = 0; i < 5; ++i) {
+      if (from[i]->defined()) held[i] = from[i]->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+      p[i] = held[i].defined() ? held[i].template const_data_ptr<acc_t>() : nullptr;
+    }
+    mean = p[0], r = p[1], w = p[2], ggw = p[3], ggb = p[4];
+  }
+  acc_t weight(int64_t c) const { return w ? w[c] : acc_t(1); }
+  acc_t gw(int64_t c) const { return ggw ? ggw[c] : acc_t(0); }
+  acc_t gb(int64_t c) const { return ggb ? ggb[c] : acc_t(0); }
+};
 
 }  // namespace fastmeta

@@ -111,18 +111,10 @@ FASTMETA_SIMD_CLONES void row_outputs(
   }
 }
 
-template <typename acc_t>
-struct PerChannel {  // the per-channel inputs in the accumulation type
-  const acc_t *mean, *r, *w, *ggw, *ggb;
-  acc_t weight(int64_t c) const { return w ? w[c] : acc_t(1); }
-  acc_t gw(int64_t c) const { return ggw ? ggw[c] : acc_t(0); }
-  acc_t gb(int64_t c) const { return ggb ? ggb[c] : acc_t(0); }
-};
-
 template <typename scalar_t, typename acc_t>
 void channels_first(
     const Tensor& gy, const Tensor& x, const Tensor& ggx, Tensor& d_gy, Tensor& d_x, acc_t* d_w,
-    const PerChannel<acc_t>& p) {
+    const BnChannels<acc_t>& p) {
   const int64_t N = x.size(0), C = x.size(1), L = x.numel() / std::max<int64_t>(N * C, 1), M = N * L;
   const scalar_t *g = gy.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
   const scalar_t* gg = ggx.const_data_ptr<scalar_t>();
@@ -148,7 +140,7 @@ void channels_first(
 template <typename scalar_t, typename acc_t>
 void channels_last(
     const Tensor& gy, const Tensor& x, const Tensor& ggx, Tensor& d_gy, Tensor& d_x, acc_t* d_w,
-    const PerChannel<acc_t>& p) {
+    const BnChannels<acc_t>& p) {
   const int64_t C = x.size(1), R = x.numel() / C;  // R = N * L rows of C channels
   const scalar_t *g = gy.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
   const scalar_t* gg = ggx.const_data_ptr<scalar_t>();
@@ -181,12 +173,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_double_backward_cpu(
     const Tensor& gy_, const Tensor& x_, const std::optional<Tensor>& weight_, const Tensor& mean_,
     const Tensor& rstd_, const std::optional<Tensor>& ggx_, const std::optional<Tensor>& ggw_,
     const std::optional<Tensor>& ggb_) {
-  const Tensor none;
-  const Tensor& weight = weight_ ? *weight_ : none;
-  const Tensor& ggx_in = ggx_ ? *ggx_ : none;
-  const Tensor& ggw_in = ggw_ ? *ggw_ : none;
-  const Tensor& ggb_in = ggb_ ? *ggb_ : none;
-  check_batch_norm_double_backward(gy_, x_, weight, mean_, rstd_, ggx_in, ggw_in, ggb_in);
+  const BnOptional in = unpack_batch_norm_double_backward(gy_, x_, weight_, mean_, rstd_, ggx_, ggw_, ggb_);
   const int64_t C = x_.size(1);
   const bool last = (x_.dim() == 4 || x_.dim() == 5) && !x_.is_contiguous() &&
                     x_.is_contiguous(x_.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
@@ -194,18 +181,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_double_backward_cpu(
                       : x_.dim() == 4 ? at::MemoryFormat::ChannelsLast
                                       : at::MemoryFormat::ChannelsLast3d;
   const Tensor x = x_.contiguous(format), gy = gy_.contiguous(format);
-  const Tensor ggx = ggx_in.defined() ? ggx_in.contiguous(format) : at::zeros_like(x, format);
+  const Tensor ggx = in.ggx.defined() ? in.ggx.contiguous(format) : at::zeros_like(x, format);
   Tensor d_gy = at::empty_like(x, format), d_x = at::empty_like(x, format);
-  const auto w_dtype = weight.defined() ? weight.scalar_type() : x.scalar_type();
+  const auto w_dtype = in.weight.defined() ? in.weight.scalar_type() : x.scalar_type();
   Tensor d_w;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_double_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    auto per_channel = [&](const Tensor& t) { return t.defined() ? t.to(acc).contiguous() : t; };
-    const Tensor mean = per_channel(mean_), r = per_channel(rstd_), w = per_channel(weight);
-    const Tensor gw = per_channel(ggw_in), gb = per_channel(ggb_in);
-    auto ptr = [](const Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
-    const PerChannel<acc_t> p{ptr(mean), ptr(r), ptr(w), ptr(gw), ptr(gb)};
+    const BnChannels<acc_t> p(mean_, rstd_, in);
     Tensor dw = at::zeros({C}, x.options().dtype(acc));
     if (x.numel() > 0) {
       if (last)

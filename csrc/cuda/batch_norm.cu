@@ -82,35 +82,27 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_double_backward_cuda(
     const Tensor& gy_, const Tensor& x_, const std::optional<Tensor>& weight_, const Tensor& mean_,
     const Tensor& rstd_, const std::optional<Tensor>& ggx_, const std::optional<Tensor>& ggw_,
     const std::optional<Tensor>& ggb_) {
-  const Tensor none;
-  const Tensor& weight = weight_ ? *weight_ : none;
-  const Tensor& ggx_in = ggx_ ? *ggx_ : none;
-  const Tensor& ggw_in = ggw_ ? *ggw_ : none;
-  const Tensor& ggb_in = ggb_ ? *ggb_ : none;
-  check_batch_norm_double_backward(gy_, x_, weight, mean_, rstd_, ggx_in, ggw_in, ggb_in);
+  const BnOptional in = unpack_batch_norm_double_backward(gy_, x_, weight_, mean_, rstd_, ggx_, ggw_, ggb_);
   const c10::cuda::CUDAGuard guard(x_.device());
   const int64_t N = x_.size(0), C = x_.size(1), L = x_.numel() / std::max<int64_t>(N * C, 1);
   TORCH_CHECK_VALUE(
       N * L <= std::numeric_limits<int>::max() - kThreads, "batch_norm_double_backward: x has ", N * L,
       " elements per channel; the CUDA kernel takes at most 2^31 - 257");
   const Tensor x = x_.contiguous(), gy = gy_.contiguous();
-  const Tensor ggx = ggx_in.defined() ? ggx_in.contiguous() : at::zeros_like(x);
+  const Tensor ggx = in.ggx.defined() ? in.ggx.contiguous() : at::zeros_like(x);
   Tensor d_gy = at::empty_like(x), d_x = at::empty_like(x);
-  const auto w_dtype = weight.defined() ? weight.scalar_type() : x.scalar_type();
+  const auto w_dtype = in.weight.defined() ? in.weight.scalar_type() : x.scalar_type();
   Tensor d_w;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_double_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    auto per_channel = [&](const Tensor& t) { return t.defined() ? t.to(acc).contiguous() : t; };
-    const Tensor mean = per_channel(mean_), r = per_channel(rstd_), w = per_channel(weight);
-    const Tensor gw = per_channel(ggw_in), gb = per_channel(ggb_in);
-    auto ptr = [](const Tensor& t) { return t.defined() ? t.const_data_ptr<acc_t>() : nullptr; };
+    const BnChannels<acc_t> p(mean_, rstd_, in);
     Tensor dw = at::zeros({C}, x.options().dtype(acc));
     if (x.numel() > 0) {
       double_backward_kernel<scalar_t, acc_t><<<C, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           gy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), ggx.const_data_ptr<scalar_t>(),
-          d_gy.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(), dw.data_ptr<acc_t>(), ptr(mean), ptr(r), ptr(w),
-          ptr(gw), ptr(gb), static_cast<int>(N), C, static_cast<int>(L));
+          d_gy.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(), dw.data_ptr<acc_t>(), p.mean, p.r, p.w, p.ggw,
+          p.ggb, static_cast<int>(N), C, static_cast<int>(L));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     d_w = dw.to(w_dtype);
