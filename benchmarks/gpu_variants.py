@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmeta import reference
+from fastmeta import ops, reference
 from fastmeta._bench import maml as conv4_bench
 from fastmeta._bench.kernels import interleaved_medians
-from fastmeta.algorithms import _batched, _conv, _norm
+from fastmeta.algorithms import _batched, _conv
 
 sys.path.insert(0, os.path.dirname(__file__))
 import maml_resnet12  # noqa: E402
@@ -62,7 +62,7 @@ PATCHES: dict[str, list[tuple[object, str, object]]] = {
     "as built": [],
     "ATen double backward": [(_conv, "conv", _aten_conv)],
     "ATen batch-norm double backward": [(_batched, "_norm", _ATenNorm)],
-    "batch-norm double backward in ops": [(_norm, "_double_backward", _double_backward_in_ops)],
+    "batch-norm double backward in ops": [(ops, "_batch_norm_double_backward", _double_backward_in_ops)],
     "per-task large sets": [(_batched, "GROUPED_ALWAYS", set())],
     # not a choice of the runner: cuDNN's autotuner (off by default in torch), for maml_step and vmap alike
     "cudnn.benchmark": [(torch.backends.cudnn, "benchmark", True)],

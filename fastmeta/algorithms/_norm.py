@@ -69,11 +69,6 @@ class _BatchNormBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, ggx, ggw, ggb):  # noqa: ANN001, ANN205
         gy, x, w, mean, rstd = ctx.saved_tensors
-        grads = _double_backward(gy, x, w, mean, rstd, ggx, ggw, ggb, ctx.eps, ctx.needs_input_grad[:3])
+        needs = ctx.needs_input_grad[:3]  # the kernel unless create_graph asks for a further derivative
+        grads = ops._batch_norm_double_backward(gy, x, w, mean, rstd, ggx, ggw, ggb, ctx.eps, needs)
         return (*grads, None, None, None, None)
-
-
-def _double_backward(gy, x, w, mean, rstd, ggx, ggw, ggb, eps, needs):  # noqa: ANN001, ANN202
-    """(d_gy, d_x, d_w), None where not needed: the kernel (per channel, one pass to sum and one to write) unless
-    a further derivative is taken (create_graph), then the same formula in differentiable ops."""
-    return ops._batch_norm_double_backward(gy, x, w, mean, rstd, ggx, ggw, ggb, eps, needs)
