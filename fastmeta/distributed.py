@@ -18,6 +18,7 @@ With NCCL (gradients on GPUs), what the host must know at once (which parameters
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterable
 
@@ -52,6 +53,12 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # torch.distributed.nn.functional takes group.WORLD as the default argument of its functions when it is
+    # imported, and torch._dynamo (which the first optimiser imports) imports it: imported after the group
+    # exists, it would hold the group for good, so that `close` could not free it and gloo's threads would
+    # outlive the interpreter (an abort at exit, now and then). Imported first, it holds None.
+    importlib.import_module("torch.distributed.nn")
+
     dist.init_process_group(backend)
     return world()
 
