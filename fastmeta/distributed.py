@@ -66,7 +66,9 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
 def close() -> None:
     """Waits until every rank gets here, then destroys the default process group; does nothing without one.
     Call it at the end of a distributed run: a rank that destroys its group while another still works (rank 0
-    writing a checkpoint) can abort in gloo's teardown."""
+    writing a checkpoint) can abort in gloo's teardown. A group made by `init_from_env` is then freed with its
+    threads; one made by your own `init_process_group` is too only if torch.distributed.nn was imported before
+    (see init_from_env)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         _host_groups.clear()
