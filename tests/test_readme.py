@@ -142,6 +142,11 @@ def _torchrun(argv: list[str]) -> Run | str:
     return Run([*launcher, "-m", "fastmeta", *args, *SCALED_TRAIN, "--threads", "1"], needs_omniglot=omniglot)
 
 
+def _on_this_machine(args: list[str]) -> list[str]:
+    """A script's arguments, with `cuda` (its --device) replaced by `cpu` where no GPU is visible."""
+    return args if torch.cuda.is_available() else [a if a != "cuda" else "cpu" for a in args]
+
+
 def _script(argv: list[str]) -> Run | str:
     if argv[1] == "benchmarks/gpu_check.sh":
         return "needs a GPU machine" if not torch.cuda.is_available() else "builds and benchmarks for minutes"
@@ -156,10 +161,10 @@ def _script(argv: list[str]) -> Run | str:
     if argv[1] == "benchmarks/step_traffic.py":
         return Run([sys.executable, str(ROOT / argv[1]), *argv[2:], "--small", "--top", "3"])
     if argv[1] == "benchmarks/train_overlap.py":
-        args = argv[2:] if torch.cuda.is_available() else [a if a != "cuda" else "cpu" for a in argv[2:]]
+        args = _on_this_machine(argv[2:])
         return Run([sys.executable, str(ROOT / argv[1]), *args, "--small", "--steps", "2", "--rounds", "1"])
     if argv[1] == "benchmarks/batch_norm_double_backward.py":
-        args = argv[2:] if torch.cuda.is_available() else [a if a != "cuda" else "cpu" for a in argv[2:]]
+        args = _on_this_machine(argv[2:])
         return Run([sys.executable, str(ROOT / argv[1]), *args, "--small", "--min-time", "0", "--rounds", "1"])
     if argv[1] == "benchmarks/host_time.py":
         return Run([sys.executable, str(ROOT / argv[1]), *argv[2:], "--tasks", "2", "--rounds", "1"])
