@@ -175,11 +175,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_double_backward_cpu(
     const std::optional<Tensor>& ggb_) {
   const BnOptional in = unpack_batch_norm_double_backward(gy_, x_, weight_, mean_, rstd_, ggx_, ggw_, ggb_);
   const int64_t C = x_.size(1);
-  const bool last = (x_.dim() == 4 || x_.dim() == 5) && !x_.is_contiguous() &&
-                    x_.is_contiguous(x_.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d);
-  const auto format = !last ? at::MemoryFormat::Contiguous
-                      : x_.dim() == 4 ? at::MemoryFormat::ChannelsLast
-                                      : at::MemoryFormat::ChannelsLast3d;
+  const auto channels_last_format = x_.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+  const bool last = (x_.dim() == 4 || x_.dim() == 5) && !x_.is_contiguous() && x_.is_contiguous(channels_last_format);
+  const auto format = last ? channels_last_format : at::MemoryFormat::Contiguous;
   const Tensor x = x_.contiguous(format), gy = gy_.contiguous(format);
   const Tensor ggx = in.ggx.defined() ? in.ggx.contiguous(format) : at::zeros_like(x, format);
   Tensor d_gy = at::empty_like(x, format), d_x = at::empty_like(x, format);
