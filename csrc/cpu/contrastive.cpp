@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "../checks.h"
@@ -237,7 +238,8 @@ FASTMETA_SIMD_CLONES acc_t row_coefficients(
 
 Tensor contrastive_loss_all_pairs_cpu(const Tensor& embeddings, const Tensor& labels_, double margin, double eps) {
   check_all_pairs_inputs(embeddings, labels_, margin, eps, "contrastive_loss_all_pairs");
-  auto [e, norms] = acc_embeddings(embeddings);
+  Tensor e, norms;  // not a structured binding: the lambdas below capture them (C++20 to capture a binding)
+  std::tie(e, norms) = acc_embeddings(embeddings);
   const Tensor labels = labels_.contiguous();
   const int64_t N = e.size(0);
   Tensor out = at::empty({}, e.options());
@@ -272,7 +274,8 @@ Tensor contrastive_loss_all_pairs_backward_cpu(
   const char* op = "contrastive_loss_all_pairs_backward";
   check_all_pairs_inputs(embeddings, labels_, margin, eps, op);
   TORCH_CHECK_VALUE(grad.numel() == 1, op, ": grad must hold one value, got shape ", shape_str(grad.sizes()));
-  auto [e, norms] = acc_embeddings(embeddings);
+  Tensor e, norms;
+  std::tie(e, norms) = acc_embeddings(embeddings);
   const Tensor labels = labels_.contiguous();
   const int64_t N = e.size(0);
   // gE = 2 * (R o E - C E), C_ij = scale * dL_ij/d(sq_ij) (symmetric, zero diagonal), R_i = sum_j C_ij.

@@ -276,7 +276,8 @@ BackwardLists fast_weight_update_backward_cpu(
     at::TensorList decays, double lr, double decay, std::array<bool, 4> mask) {
   BackwardLists out;
   const auto plans = plan_fast_weight_update_backward(grad_outs, params, grads, lrs, decays, mask, out);
-  auto& [gp, gg, gl, gd] = out;
+  // named references, not a structured binding: the dispatch lambda captures them (C++20 to capture a binding)
+  auto &gp = std::get<0>(out), &gg = std::get<1>(out), &gl = std::get<2>(out), &gd = std::get<3>(out);
   if (plans.empty()) return out;
   const auto go = contiguous(grad_outs), p = contiguous(params), g = contiguous(grads), l = contiguous(lrs),
              d = contiguous(decays);

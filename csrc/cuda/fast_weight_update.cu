@@ -558,7 +558,8 @@ BackwardLists fast_weight_update_backward_cuda(
   const c10::OptionalDeviceGuard device_guard(at::device_of(grads));
   BackwardLists out;
   const auto plans = plan_fast_weight_update_backward(grad_outs, params, grads, lrs, decays, mask, out);
-  auto& [gp, gg, gl, gd] = out;
+  // named references, not a structured binding: the dispatch lambda captures them (C++20 to capture a binding)
+  auto &gp = std::get<0>(out), &gg = std::get<1>(out), &gl = std::get<2>(out), &gd = std::get<3>(out);
   const size_t n = plans.size();
   const bool need_l = mask[2] && !lrs.empty(), need_d = mask[3] && !decays.empty();
   if (n == 0 || !(mask[0] || mask[1] || need_l || need_d)) return out;
