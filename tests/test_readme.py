@@ -10,6 +10,7 @@ command that matches no rule fails: a new README command needs a rule.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import shlex
@@ -265,12 +266,21 @@ def test_readme_command_runs(command, workdir):
     _execute(plan, workdir)
 
 
+def _installed() -> bool:
+    """Whether fastmeta is installed as a distribution (pip install), not only built in place."""
+    try:
+        importlib.metadata.distribution("fastmeta")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def _help_commands() -> list[tuple[str, list[str]]]:
     script = shutil.which("fastmeta")
     forms = [("python -m fastmeta", [sys.executable, "-m", "fastmeta"])]
     if script is not None:
         forms.append(("fastmeta", [script]))
-    elif os.environ.get("FASTMETA_REQUIRE_KERNELS") == "1":  # an installed package must have its console script
+    elif _installed():  # an installed package must have its console script (an in-place build has none)
         forms.append(("fastmeta", ["fastmeta"]))
     return [(f"{name} {sub}".strip(), [*argv, *([sub] if sub else []), "--help"]) for name, argv in forms
             for sub in ("", *SUBCOMMANDS)]  # fmt: skip
