@@ -3,7 +3,9 @@
 // tensor of its own (its own storage of its own size, its own version counter), so autograd, torch.save (only its
 // bytes), pickling and in-place use by the caller see ordinary tensors; only the memory is one block, released
 // when the last of the outputs is. Their storages are not resizable (resize_ to a larger size raises), and on CUDA
-// Tensor.record_stream does not reach the caching allocator: use them on the stream they were made on.
+// Tensor.record_stream does not reach the caching allocator: use them on the stream they were made on. Nor can
+// they be sent to another process through CUDA IPC (torch.multiprocessing), which looks allocations up by their
+// base pointer (read in the caching allocator: a map by exact pointer; not run, no GPU here): clone() one first.
 #pragma once
 
 #include <ATen/core/Tensor.h>
