@@ -30,6 +30,9 @@ fi
 py=$work/venv/bin/python
 $py -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 
+# the tests find Omniglot beside the repository (../shared/data/omniglot); the copy below is elsewhere
+omniglot=$(cd .. && pwd)/shared/data/omniglot
+[ -d "$omniglot" ] && export FASTMETA_OMNIGLOT=${FASTMETA_OMNIGLOT:-$omniglot}
 # a clean copy of the tracked and untracked (not ignored) files, built in place there
 rm -rf "$work/src" && mkdir -p "$work/src"
 git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$work/src"
