@@ -25,7 +25,8 @@ if [ ! -x "$work/venv/bin/python" ]; then
   "$work/venv/bin/pip" install -q filelock typing-extensions 'setuptools<82' sympy networkx jinja2 fsspec numpy \
     pybind11 ninja pytest pytest-xdist pytest-benchmark pillow tqdm
   # the CUDA libraries (nvidia-*) come from the host venv, after the other venv's own packages
-  echo "$host_site" >"$work/venv/lib/python3.11/site-packages/zz_host_cuda_libs.pth"
+  other_site=$("$work/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "$host_site" >"$other_site/zz_host_cuda_libs.pth"
 fi
 py=$work/venv/bin/python
 $py -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
