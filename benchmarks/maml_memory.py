@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 import fastmeta
-from fastmeta._bench.memory import resident_peak
+from fastmeta._bench.memory import RETURN_FREED_MEMORY, resident_peak
 from fastmeta.models import Conv4, ResNet12
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -112,7 +112,7 @@ def measure_row(name: str, method: str, steps: int, small: bool, repeats: int) -
 
 def run_row(name: str, method: str, steps: int, small: bool, repeats: int, threads: int | None) -> dict:
     """measure_row in a fresh process of this script."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    env = {**os.environ, **RETURN_FREED_MEMORY}
     args = [sys.executable, os.path.abspath(__file__), "--row", name, method, str(steps), "--repeats", str(repeats)]
     args += ["--small"] if small else []
     args += ["--threads", str(threads)] if threads else []

@@ -32,7 +32,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -44,7 +43,7 @@ from torch.func import functional_call, grad, vmap
 
 import fastmeta
 from fastmeta._bench import kernels as bench
-from fastmeta._bench.memory import resident_peak
+from fastmeta._bench.memory import device_peak, probe
 from fastmeta.models import ResNet12
 
 METHODS = ("fastmeta", "fastmeta-chunks", "loop", "vmap", "learn2learn", "higher", "torchopt", "query-floor")
@@ -215,25 +214,13 @@ def measure_memory(method: str, c: Config, steps: int) -> int:
     step(method, c, 1, tasks=1)()  # loads the code and libraries used on first call
     run = step(method, c, steps)
     gc.collect()
-    if c.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    return resident_peak(run)[0]
+    return device_peak(run, c.device)
 
 
 def peak_memory(method: str, c: Config, steps: int, threads: int | None) -> int:
     """measure_memory in a fresh process of this script."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    args = [sys.executable, os.path.abspath(__file__), "--row", method, str(steps), "--config", json.dumps(asdict(c))]
-    args += ["--threads", str(threads)] if threads else []
-    out = subprocess.run(args, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"memory row {method} S={steps} failed:\n{out.stderr[-3000:]}")
-    return int(out.stdout.strip().splitlines()[-1])
+    argv = [os.path.abspath(__file__), "--row", method, str(steps), "--config", json.dumps(asdict(c))]
+    return probe(argv + (["--threads", str(threads)] if threads else []), f"{method} S={steps}")
 
 
 def run(

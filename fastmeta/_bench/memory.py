@@ -16,6 +16,11 @@ import torch
 
 Step = Callable[[], object]
 
+# For a probe's process: glibc returns every freed block above 128 KiB to the system, so that the resident set
+# follows what is alive rather than what malloc kept (without it, one all-pairs step at N=8192 read 50 MiB
+# instead of 10).
+RETURN_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
 
 def _all_pairs(warmup: bool, device: str, method: str, N: int, D: int) -> Step:
     from fastmeta._bench.kernels import all_pairs_step
@@ -36,25 +41,38 @@ STEPS: dict[str, Callable[..., Step]] = {"all_pairs": _all_pairs, "maml": _maml}
 def step_peak_memory(device: str, kind: str, **args: object) -> int:
     """Peak bytes of one call of the STEPS[kind] step made from `args`, over what was resident before it."""
     if device.startswith("cuda"):
-        run = STEPS[kind](False, device, **args)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        run()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated(device) - base
+        return device_peak(STEPS[kind](False, device, **args), device)
     # The child imports this very fastmeta (not a source folder that happens to be its working directory).
     pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "PYTHONPATH": pkg_parent}
+    argv = ["-m", "fastmeta._bench.memory", kind, json.dumps(args)]
+    return probe(argv, f"{kind} {args}", {"PYTHONPATH": pkg_parent}, cwd=tempfile.gettempdir())
+
+
+def device_peak(step: Step, device: str) -> int:
+    """Peak bytes of step() over what was in use just before it: CUDA's allocated bytes on a GPU (in this process),
+    the resident set on the CPU (see resident_peak: call it in a fresh process, after a small warm-up)."""
+    if not device.startswith("cuda"):
+        return resident_peak(step)[0]
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def probe(argv: list[str], what: str, env: dict[str, str] | None = None, cwd: str | None = None) -> int:
+    """Runs `python ARGV` in a fresh process (glibc returning freed memory, RETURN_FREED_MEMORY) and returns the
+    integer on the last line of its output: a probe that prints one peak. Raises with its stderr if it fails."""
     out = subprocess.run(
-        [sys.executable, "-m", "fastmeta._bench.memory", kind, json.dumps(args)],
+        [sys.executable, *argv],
         capture_output=True,
         text=True,
-        env=env,
-        cwd=tempfile.gettempdir(),
+        env={**os.environ, **RETURN_FREED_MEMORY, **(env or {})},
+        cwd=cwd,
     )
     if out.returncode != 0:
-        raise RuntimeError(f"memory probe {kind} {args} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"memory probe {what} failed:\n{out.stderr[-3000:]}")
     return int(out.stdout.strip().splitlines()[-1])
 
 
