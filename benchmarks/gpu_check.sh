@@ -3,6 +3,10 @@
 # benchmark, then the CPU tests against that machine's torch, all inside one time budget (default 480 s; each
 # step gets what is left). Usage: bash benchmarks/gpu_check.sh [OUTDIR]   (on the device tool:
 # `bash benchmarks/gpu_check.sh "$OUT"` with timeout_s=570). Logs and markdown tables land in OUTDIR, JSON in JSONDIR.
+# The GPU machine has no peers installed and no network: to put KeOps and pytorch-metric-learning beside the
+# contrastive kernel there, copy them (pure Python) into .peers/ (git-ignored) and carry it:
+#   mkdir -p .peers && cp -r "$(python -c 'import site; print(site.getsitepackages()[0])')"/{pykeops,keopscore,pytorch_metric_learning} .peers/
+# then run with carry [".peers"].
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-${OUT:-/tmp/fastmeta-gpu}}
@@ -12,6 +16,7 @@ mkdir -p "$OUTDIR" "$JSONDIR"
 PY=${PYTHON:-python3}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONPATH=$PWD FASTMETA_REQUIRE_KERNELS=1 PYTHONUNBUFFERED=1
+[ -d .peers ] && export PYTHONPATH=$PWD:$PWD/.peers
 left() { local l=$(( BUDGET - SECONDS )); [ "$l" -lt "${2:-1}" ] && l=${2:-1}; [ "$l" -gt "$1" ] && l=$1; echo "$l"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUTDIR/build.log"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUTDIR/build.log"
@@ -93,6 +98,11 @@ timeout "$(left 45 5)" $PY benchmarks/gpu_profile.py --device cuda >"$OUTDIR/pro
 # the contrastive table last (its targets are met); in the kernels' file (8 files come back at most)
 timeout "$(left 45 5)" $PY -m fastmeta bench --device cuda --op contrastive --min-time 0.3 \
   --json "$JSONDIR/bench_contrastive.json" >>"$OUTDIR/bench_kernels.md" 2>&1
+# the all-pairs loss against KeOps and pytorch-metric-learning, where .peers/ brought them (KeOps compiles first)
+if $PY -c "import pykeops" 2>/dev/null || $PY -c "import pytorch_metric_learning" 2>/dev/null; then
+  timeout "$(left 90 5)" $PY benchmarks/contrastive_peers.py --device cuda --sizes 4096 16384 --min-time 0.5 \
+    --rounds 2 --json "$JSONDIR/bench_contrastive_peers.json" 2>&1 | grep -v "^\[\(py\)\?KeOps\]" >>"$OUTDIR/bench_kernels.md"
+fi
 echo "benchmarks done at ${SECONDS} s"
 
 echo "== CPU tests on this torch (what time is left)"

@@ -1,10 +1,17 @@
 """pytest-benchmark of the contrastive ops: pair mode against the eager and compiled reference, all pairs against
-the reference. Run: pytest benchmarks --benchmark-group-by=group [--device cuda]."""
+the reference, KeOps and pytorch-metric-learning where installed (benchmarks/contrastive_peers.py).
+Run: pytest benchmarks --benchmark-group-by=group [--device cuda]."""
+
+import os
+import sys
 
 import pytest
 import torch
 
 from fastmeta._bench import kernels as bench
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import contrastive_peers as peers  # noqa: E402
 
 
 @pytest.mark.parametrize("method", ["fastmeta", "reference", "torch.compile(reference)"])
@@ -15,10 +22,16 @@ def test_pair_mode(benchmark, device, method):
     benchmark(_synced(fn, device))
 
 
-@pytest.mark.parametrize("method", ["fastmeta", "reference"])
+@pytest.mark.parametrize("method", ["fastmeta", "reference", "keops", "pml"])
 @pytest.mark.parametrize("N", [1024, 4096])
 def test_all_pairs(benchmark, device, method, N):
-    fn = bench.all_pairs_step(method, N, bench.EMBED_DIM, device)
+    why = peers.missing(method)
+    if why:
+        pytest.skip(why)
+    if method == "keops":
+        peers.check_keops(device)
+    fn = peers.step(method, N, bench.EMBED_DIM, device)
+    fn()  # KeOps compiles its formulas on first use
     benchmark.group = f"contrastive all pairs N={N} D={bench.EMBED_DIM} forward+backward"
     benchmark.pedantic(_synced(fn, device), rounds=5, warmup_rounds=1)
 

@@ -159,6 +159,9 @@ def _script(argv: list[str]) -> Run | str:
     if argv[1] == "benchmarks/maml_resnet12.py":
         tiny = ["--widths", "4", "8", "8", "8", "--tasks", "2", "--steps", "1", "--min-time", "0", "--rounds", "1"]
         return Run([sys.executable, str(ROOT / argv[1]), *argv[2:], *tiny])
+    if argv[1] == "benchmarks/contrastive_peers.py":
+        tiny = ["--sizes", "64", "--min-time", "0", "--rounds", "1"]
+        return Run([sys.executable, str(ROOT / argv[1]), *_on_this_machine(argv[2:]), *tiny])
     if argv[1] == "benchmarks/step_traffic.py":
         return Run([sys.executable, str(ROOT / argv[1]), *argv[2:], "--small", "--top", "3"])
     if argv[1] == "benchmarks/train_overlap.py":
