@@ -33,6 +33,7 @@ from torch import Tensor
 
 from fastmeta import ops, reference
 from fastmeta._bench import kernels as bench
+from fastmeta._bench import not_importable
 from fastmeta._bench.memory import device_peak, probe
 
 METHODS = ("fastmeta", "reference", "keops", "pml")
@@ -43,13 +44,7 @@ PML_MAX_N = 8192  # pml's pair indices alone take 32 N^2 bytes (8 GiB at N=16384
 
 def missing(method: str) -> str | None:
     """Why `method` cannot run here (its package is not importable), or None."""
-    if method not in PEERS:
-        return None
-    try:
-        __import__(PEERS[method])
-    except Exception as e:  # noqa: BLE001  (a peer may fail to import for reasons other than absence)
-        return f"{PEERS[method]} not importable: {type(e).__name__}: {e}"
-    return None
+    return not_importable(PEERS[method]) if method in PEERS else None
 
 
 def keops_loss(embeddings: Tensor, labels: Tensor, margin: float = 1.0, eps: float = reference.EPS) -> Tensor:
@@ -89,16 +84,9 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def inputs(N: int, D: int, device: str, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """Random embeddings (N, D), requiring grad, and labels (N,) of N // 16 classes (16 a class on average)."""
-    g = torch.Generator().manual_seed(0)
-    e = torch.randn(N, D, generator=g, dtype=dtype).to(device).requires_grad_()
-    return e, torch.randint(0, max(2, N // 16), (N,), generator=g).to(device)
-
-
 def step(method: str, N: int, D: int, device: str) -> Callable[[], float]:
     """One forward+backward of `method`'s loss on fresh inputs of N x D; returns the loss."""
-    e, labels = inputs(N, D, device)
+    e, labels = bench.all_pairs_inputs(N, D, device)
     fn = LOSSES[method]
 
     def run() -> float:
@@ -111,7 +99,7 @@ def step(method: str, N: int, D: int, device: str) -> Callable[[], float]:
 
 def check_keops(device: str) -> None:
     """Raises unless keops_loss equals fastmeta's loss and gradient (float64, N=300, D=17)."""
-    e, labels = inputs(300, 17, device, torch.float64)
+    e, labels = bench.all_pairs_inputs(300, 17, device, torch.float64)
     ours = ops.contrastive_loss_all_pairs(e, labels, 1.0)
     theirs = keops_loss(e, labels, 1.0)
     g_ours, g_theirs = (torch.autograd.grad(x, e)[0] for x in (ours, theirs))

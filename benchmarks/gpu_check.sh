@@ -16,7 +16,7 @@ mkdir -p "$OUTDIR" "$JSONDIR"
 PY=${PYTHON:-python3}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)} PYTHONPATH=$PWD FASTMETA_REQUIRE_KERNELS=1 PYTHONUNBUFFERED=1
-[ -d .peers ] && export PYTHONPATH=$PWD:$PWD/.peers
+[ -d .peers ] && export PYTHONPATH=$PYTHONPATH:$PWD/.peers
 left() { local l=$(( BUDGET - SECONDS )); [ "$l" -lt "${2:-1}" ] && l=${2:-1}; [ "$l" -gt "$1" ] && l=$1; echo "$l"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUTDIR/build.log"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUTDIR/build.log"

@@ -43,6 +43,7 @@ from torch.func import functional_call, grad, vmap
 
 import fastmeta
 from fastmeta._bench import kernels as bench
+from fastmeta._bench import not_importable
 from fastmeta._bench.memory import device_peak, probe
 from fastmeta.models import ResNet12
 
@@ -62,13 +63,7 @@ class Config:
 
 def missing(method: str) -> str | None:
     """Why `method` cannot run here (its package is not installed), or None."""
-    if method not in PEERS:
-        return None
-    try:
-        __import__(PEERS[method])
-    except Exception as e:  # noqa: BLE001  (an old peer may fail to import for reasons other than absence)
-        return f"{PEERS[method]} not importable: {type(e).__name__}: {e}"
-    return None
+    return not_importable(PEERS[method]) if method in PEERS else None
 
 
 def make(c: Config, tasks: int | None = None) -> tuple[nn.Module, fastmeta.TaskBatch]:

@@ -257,11 +257,16 @@ def contrastive_methods(device: str, B: int = PAIR_BATCH, D: int = EMBED_DIM) ->
     }
 
 
+def all_pairs_inputs(N: int, D: int, device: str, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Random embeddings (N, D), requiring grad, and labels (N,) of N // 16 classes (16 a class on average)."""
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(N, D, generator=g, dtype=dtype).to(device).requires_grad_()
+    return e, torch.randint(0, max(2, N // 16), (N,), generator=g).to(device)
+
+
 def all_pairs_step(method: str, N: int, D: int, device: str) -> Callable[[], None]:
     """Forward+backward of the all-pairs contrastive loss of N embeddings by `method` (fastmeta or reference)."""
-    g = torch.Generator().manual_seed(0)
-    e = torch.randn(N, D, generator=g).to(device).requires_grad_()
-    labels = torch.randint(0, max(2, N // 16), (N,), generator=g).to(device)
+    e, labels = all_pairs_inputs(N, D, device)
     fn = {"fastmeta": ops.contrastive_loss_all_pairs, "reference": reference.contrastive_loss_all_pairs}[method]
     return lambda: torch.autograd.grad(fn(e, labels, 1.0), e)
 
