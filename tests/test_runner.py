@@ -373,7 +373,7 @@ def test_shared_weights_run_as_one_ordinary_convolution(monkeypatch):
 
     groups, grads = step()
     assert groups and set(groups) == {1}
-    monkeypatch.setattr(_batched, "_per_task", lambda params, name, module_param: True)  # the grouped form
+    monkeypatch.setattr(_batched.layers, "_per_task", lambda params, name, module_param: True)  # the grouped form
     groups_before, want = step()
     assert set(groups_before) == {3}
     assert_grads_close(grads, want)
@@ -599,7 +599,7 @@ def test_second_order_step_batch_norm_takes_fewer_calls(monkeypatch):
 
     ours, our_grads = run()
     with monkeypatch.context() as m:
-        m.setattr(_batched, "_norm", type("Torch", (), {"batch_norm": staticmethod(
+        m.setattr(_batched.layers, "_norm", type("Torch", (), {"batch_norm": staticmethod(
             lambda x, w, b, eps: F.batch_norm(x, None, None, w, b, True, 0.0, eps)
         )}))  # fmt: skip
         theirs, their_grads = run()
