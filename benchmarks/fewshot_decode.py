@@ -66,7 +66,7 @@ def main() -> None:
 
     import torch
 
-    from fastmeta.data import cache, fewshot, load_fewshot
+    from fastmeta.data import cache, decoding, load_fewshot
 
     root = Path(args.root)
     data = make_images(root, args.classes, args.per_class, source)
@@ -128,7 +128,7 @@ def main() -> None:
     full = cache.load_cached(Path(ds.cache_file), mmap=False)
     print(f"reading the whole cache into memory (torch.load without mmap): {time.perf_counter() - tic:.2f} s")
     del full
-    assert fewshot.DECODE_VERSION >= 1
+    assert decoding.DECODE_VERSION >= 1
 
 
 if __name__ == "__main__":

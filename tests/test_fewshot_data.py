@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastmeta.data import EpisodeSampler, fewshot, load_fewshot
+from fastmeta.data import EpisodeSampler, decoding, load_fewshot
 
 RNG = np.random.default_rng(0)
 
@@ -300,8 +300,8 @@ def test_episode_sampler_class_sizes_keep_old_draws():
 def test_cache_reused_and_rebuilt_when_files_or_code_change(tmp_path, monkeypatch):
     make_folder(tmp_path / "ds")
     calls = []
-    decode = fewshot._decode_file
-    monkeypatch.setattr(fewshot, "_decode_file", lambda *a: calls.append(a[0]) or decode(*a))
+    decode = decoding._decode_file
+    monkeypatch.setattr(decoding, "_decode_file", lambda *a: calls.append(a[0]) or decode(*a))
     first = load_fewshot("folder", tmp_path / "ds", image_size=16, progress=False)
     assert len(calls) == 29
     calls.clear()
@@ -318,7 +318,7 @@ def test_cache_reused_and_rebuilt_when_files_or_code_change(tmp_path, monkeypatc
     assert len(calls) == 29 and torch.equal(rebuilt.splits["val"].images[1, 2], chw(new))
     assert not os.path.exists(first.cache_file)  # the stale cache of that folder and size is gone
     calls.clear()
-    monkeypatch.setattr(fewshot, "DECODE_VERSION", fewshot.DECODE_VERSION + 1)
+    monkeypatch.setattr(decoding, "DECODE_VERSION", decoding.DECODE_VERSION + 1)
     load_fewshot("folder", tmp_path / "ds", image_size=16, progress=False)
     assert len(calls) == 29  # new decoding code: decoded again
 
@@ -327,9 +327,9 @@ def test_concurrent_loads_decode_once(tmp_path, monkeypatch):
     """Two loads at once (as torchrun's ranks on a first run): one decodes, the other waits and reads its cache."""
     make_folder(tmp_path / "ds")
     calls = []
-    decode = fewshot._decode_file
+    decode = decoding._decode_file
     slow = lambda *a: calls.append(a[0]) or time.sleep(0.01) or decode(*a)  # noqa: E731  (the loads overlap)
-    monkeypatch.setattr(fewshot, "_decode_file", slow)
+    monkeypatch.setattr(decoding, "_decode_file", slow)
     results = []
     threads = [
         threading.Thread(target=lambda: results.append(load_fewshot("folder", tmp_path / "ds", 16, progress=False)))

@@ -25,31 +25,30 @@ Each split is stored class-major, (C, E, 3, S, S) uint8 with E the largest class
 count (CUB has 41 to 60 images a class): every image is kept, and EpisodeSampler draws only valid ones. Episodes
 are normalised with the per-channel mean and std of the dataset's own train split (computed once, exactly, at
 decoding). The cache (in `$FASTMETA_CACHE` or ~/.cache/fastmeta) is keyed by the files' names, sizes and times,
-this module's source, its DECODE_VERSION and Pillow's version; a newer cache of the same dataset folder replaces
-older ones.
+the source of this module and of the two it uses, DECODE_VERSION and Pillow's version; a newer cache of the same
+dataset folder replaces older ones.
+
+This module is the public surface; the layouts are found and read in fastmeta.data.layouts, the images decoded and
+cached (DECODE_VERSION) in fastmeta.data.decoding.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
-import pickle
 import sys
-import threading
-import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastmeta.data import cache
+from fastmeta.data.decoding import _build, _code_version, _from_cache
 from fastmeta.data.episodes import EpisodeSampler
+from fastmeta.data.layouts import _CIFARFS, _CUB, _FC100, _FOLDER, _MINI_CSV, _MINI_PICKLE, PARTS, _find, _Layout
 
 __all__ = [
     "FEWSHOT",
@@ -61,16 +60,7 @@ __all__ = [
     "random_crop_flip",
 ]
 
-DECODE_VERSION = 1  # bump when what a cache holds changes; the module's source is part of the key as well
-PARTS = ("train", "val", "test")
 TRAINING = ("train", "trainval")  # the parts whose episodes may be augmented
-
-# FC100 (Oreshkin et al. 2018): CIFAR-100's 20 superclasses, 12 / 4 / 4, so train and test share no superclass.
-FC100_COARSE = {
-    "train": (1, 2, 3, 4, 5, 6, 9, 10, 15, 17, 18, 19),
-    "val": (8, 11, 13, 16),
-    "test": (0, 7, 12, 14),
-}
 
 
 @dataclass
@@ -185,212 +175,6 @@ def random_crop_flip(x: Tensor, padding: int, generator: torch.Generator | None 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Layouts: where the files are and which class each image belongs to.
-
-
-@dataclass
-class _Scan:
-    """An image-file layout's contents: per part, (class, image paths) in order; `extra`: split files, part of
-    the cache key."""
-
-    parts: dict[str, list[tuple[str, list[str]]]]
-    extra: list[Path]
-
-
-@dataclass(frozen=True)
-class _Layout:
-    name: str
-    expects: str  # what it looks for, relative to the dataset's folder
-    present: Callable[[Path], bool]  # some of it is there (then the rest must be, or it is an error)
-    scan: Callable[[Path], _Scan] | None = None  # image files
-    read: Callable[[Path], dict[str, list[tuple[str, np.ndarray]]]] | None = None  # arrays (n, H, W, 3) uint8
-    key_files: Callable[[Path], list[Path]] | None = None  # for `read` layouts
-
-
-def _extensions() -> set[str]:
-    from PIL import Image
-
-    Image.init()
-    return {e.lower() for e in Image.registered_extensions()}
-
-
-def _images_in(folder: Path, exts: set[str]) -> list[str]:
-    """The image files in `folder`, sorted by name, as strings (pathlib costs seconds on 60,000 files)."""
-    with os.scandir(folder) as entries:
-        names = [e.name for e in entries if not e.name.startswith(".") and os.path.splitext(e.name)[1].lower() in exts]
-    return [os.path.join(folder, n) for n in sorted(names)]
-
-
-def _class_folders(folder: Path, what: str) -> list[Path]:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{what}: no folder {folder}")
-    dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not dirs:
-        raise FileNotFoundError(f"{what}: no class folders in {folder}")
-    return dirs
-
-
-def _with_images(dirs: list[Path], what: str) -> list[tuple[str, list[str]]]:
-    exts = _extensions()
-    out = []
-    for d in dirs:
-        files = _images_in(d, exts)
-        if not files:
-            raise ValueError(f"{what}: class folder {d} has no images (files PIL reads, such as .jpg or .png)")
-        out.append((d.name, files))
-    return out
-
-
-def _scan_folder(base: Path) -> _Scan:
-    parts = {p: _with_images(_class_folders(base / p, "folder layout"), "folder layout") for p in PARTS}
-    return _Scan(parts, [])
-
-
-def _scan_mini_csv(base: Path) -> _Scan:
-    images = base / "images"
-    if not images.is_dir():
-        raise FileNotFoundError(f"mini-ImageNet csv layout: no images/ folder in {base}")
-    parts, files = {}, []
-    for part in PARTS:
-        path = base / f"{part}.csv"
-        if not path.is_file():
-            raise FileNotFoundError(f"mini-ImageNet csv layout: no {part}.csv in {base} (next to images/)")
-        files.append(path)
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-        if not rows or [h.strip() for h in rows[0]] != ["filename", "label"]:
-            raise ValueError(f"{path}: expected the header 'filename,label', got {','.join(rows[0]) if rows else ''!r}")
-        by_class: dict[str, list[str]] = {}
-        folder = os.path.join(images, "")
-        for row in rows[1:]:
-            if len(row) == 2:
-                by_class.setdefault(row[1].strip(), []).append(folder + row[0].strip())
-        if not by_class:
-            raise ValueError(f"{path}: no rows of filename,label")
-        parts[part] = sorted(by_class.items())
-    return _Scan(parts, files)
-
-
-def _scan_cifarfs(base: Path) -> _Scan:
-    data, splits = base / "data", base / "splits" / "bertinetto"
-    if not data.is_dir():
-        raise FileNotFoundError(f"CIFAR-FS layout: no data/ folder in {base}")
-    parts, files = {}, []
-    for part in PARTS:
-        path = splits / f"{part}.txt"
-        if not path.is_file():
-            raise FileNotFoundError(f"CIFAR-FS layout: no split file {path} (splits/bertinetto/{part}.txt)")
-        files.append(path)
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        for n in names:
-            if not (data / n).is_dir():
-                raise FileNotFoundError(f"CIFAR-FS layout: {path} names class {n!r}, but there is no folder {data / n}")
-        parts[part] = _with_images([data / n for n in names], "CIFAR-FS layout")
-    return _Scan(parts, files)
-
-
-def _scan_cub(base: Path) -> _Scan:
-    dirs = _class_folders(base / "images", "CUB-200-2011 layout")
-    # Chen et al. 2019 (write_CUB_filelist.py) over the sorted class folders
-    rule = {"train": lambda i: i % 2 == 0, "val": lambda i: i % 4 == 1, "test": lambda i: i % 4 == 3}
-    picked = {p: [d for i, d in enumerate(dirs) if rule[p](i)] for p in PARTS}
-    for p, ds in picked.items():
-        if not ds:
-            raise ValueError(f"CUB-200-2011 layout: {len(dirs)} class folders in {base / 'images'} leave none for {p}")
-    return _Scan({p: _with_images(ds, "CUB-200-2011 layout") for p, ds in picked.items()}, [])
-
-
-MINI_PICKLES = {"train": "train", "val": "validation", "test": "test"}
-
-
-def _mini_pickle_files(base: Path) -> list[Path]:
-    return [base / f"mini-imagenet-cache-{MINI_PICKLES[p]}.pkl" for p in PARTS]
-
-
-def _read_mini_pickles(base: Path) -> dict[str, list[tuple[str, np.ndarray]]]:
-    out = {}
-    for part, path in zip(PARTS, _mini_pickle_files(base)):
-        if not path.is_file():
-            raise FileNotFoundError(f"mini-ImageNet pickle layout: no {path.name} in {base}")
-        d = _str_keys(_unpickle(path))
-        images, classes = d.get("image_data"), d.get("class_dict")
-        if (
-            not isinstance(images, np.ndarray)
-            or images.ndim != 4
-            or images.shape[3] != 3
-            or not isinstance(classes, dict)
-        ):
-            raise ValueError(
-                f"{path}: expected a dict with image_data (N, H, W, 3) uint8 and class_dict {{class: [indices]}}, got "
-                f"keys {sorted(d)}"
-            )
-        out[part] = [(_text(c), images[np.asarray(idx, dtype=np.int64)]) for c, idx in sorted(classes.items())]
-    return out
-
-
-def _fc100_files(base: Path) -> list[Path]:
-    return [base / n for n in ("train", "test", "meta")]
-
-
-def _read_fc100(base: Path) -> dict[str, list[tuple[str, np.ndarray]]]:
-    for path in _fc100_files(base):
-        if not path.is_file():
-            raise FileNotFoundError(f"FC100 (CIFAR-100 python) layout: no {path.name} in {base}")
-    meta = _str_keys(_unpickle(base / "meta"))
-    fine_names = [_text(n) for n in meta.get("fine_label_names", [])]
-    data, fine, coarse = [], [], []
-    for name in ("train", "test"):
-        d = _str_keys(_unpickle(base / name))
-        if not all(k in d for k in ("data", "fine_labels", "coarse_labels")):
-            raise ValueError(f"{base / name}: expected data, fine_labels and coarse_labels, got keys {sorted(d)}")
-        data.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        fine.append(np.asarray(d["fine_labels"]))
-        coarse.append(np.asarray(d["coarse_labels"]))
-    x, y, z = np.concatenate(data), np.concatenate(fine), np.concatenate(coarse)
-    if len(fine_names) != 100:
-        raise ValueError(f"{base / 'meta'}: expected 100 fine_label_names, got {len(fine_names)}")
-    out = {}
-    for part, superclasses in FC100_COARSE.items():
-        labels = sorted(set(y[np.isin(z, superclasses)].tolist()))
-        out[part] = [(fine_names[c], x[y == c]) for c in labels]
-    return out
-
-
-class _ArraysOnly(pickle.Unpickler):
-    """Unpickles dicts, lists, numbers, strings and numpy arrays, nothing else: a pickle can run any code it
-    names, and a dataset file from a mirror should not."""
-
-    NUMPY = ("numpy", "numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric", "numpy._core.numeric")
-    ALLOWED = {("_codecs", "encode"), ("collections", "OrderedDict")} | {
-        (m, n) for m in NUMPY for n in ("_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer")
-    }
-
-    def find_class(self, module: str, name: str) -> object:
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a dataset pickle (arrays and dicts only)")
-        return super().find_class(module, name)
-
-
-def _unpickle(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            d = _ArraysOnly(f, encoding="latin1").load()  # latin1: Python 2 pickles (CIFAR-100's) with numpy arrays
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
-        raise ValueError(f"{path}: not a readable dataset pickle ({type(e).__name__}: {e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a pickled dict, got {type(d).__name__}")
-    return d
-
-
-def _str_keys(d: dict) -> dict:
-    return {_text(k): v for k, v in d.items()}
-
-
-def _text(s: object) -> str:
-    return s.decode("latin1") if isinstance(s, bytes) else str(s)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The datasets.
 
 
@@ -409,32 +193,6 @@ class DatasetInfo:
     source: str
     way_shots: tuple[tuple[int, int], ...] = ((5, 1), (5, 5))
 
-
-_FOLDER = _Layout(
-    "folder", "train/<class>/*, val/<class>/*, test/<class>/* (any image format PIL reads)",
-    lambda b: any((b / p).is_dir() for p in PARTS), scan=_scan_folder,
-)  # fmt: skip
-_MINI_PICKLE = _Layout(
-    "pickle", "mini-imagenet-cache-train.pkl, mini-imagenet-cache-validation.pkl, mini-imagenet-cache-test.pkl",
-    lambda b: any(p.is_file() for p in _mini_pickle_files(b)), read=_read_mini_pickles, key_files=_mini_pickle_files,
-)  # fmt: skip
-_MINI_CSV = _Layout(
-    "csv", "images/*.jpg with train.csv, val.csv, test.csv (header filename,label; Ravi & Larochelle)",
-    lambda b: (b / "images").is_dir() and any((b / f"{p}.csv").is_file() for p in PARTS), scan=_scan_mini_csv,
-)  # fmt: skip
-_CIFARFS = _Layout(
-    "bertinetto", "data/<class>/*.png with splits/bertinetto/train.txt, val.txt, test.txt (a class name a line)",
-    lambda b: (b / "data").is_dir() or (b / "splits" / "bertinetto").is_dir(), scan=_scan_cifarfs,
-)  # fmt: skip
-_FC100 = _Layout(
-    "cifar-100-python", "cifar-100-python/train, test and meta (torchvision's CIFAR100 download)",
-    lambda b: (b / "meta").is_file() and ((b / "train").is_file() or (b / "test").is_file()), read=_read_fc100,
-    key_files=_fc100_files,
-)  # fmt: skip
-_CUB = _Layout(
-    "cub", "CUB_200_2011/images/<NNN.name>/*.jpg (Caltech's CUB_200_2011.tgz)",
-    lambda b: (b / "images").is_dir(), scan=_scan_cub,
-)  # fmt: skip
 
 FEWSHOT: dict[str, DatasetInfo] = {
     "folder": DatasetInfo("folder", "image folders", 84, "crop", 8, (_FOLDER,), None, "any images, one folder a class"),
@@ -455,28 +213,6 @@ FEWSHOT: dict[str, DatasetInfo] = {
         "cub", "CUB-200-2011", 84, "crop", 8, (_CUB,), (100, 50, 50), "Caltech's CUB_200_2011.tgz, unpacked",
     ),
 }  # fmt: skip
-
-
-def _find(info: DatasetInfo, root: Path) -> tuple[_Layout, Path]:
-    """The layout and folder of `info` at `root`, or in the one folder directly inside it that has one."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"{info.title}: no folder {root}")
-    for layout in info.layouts:
-        if layout.present(root):
-            return layout, root
-    inside = [(layout, d) for d in sorted(root.iterdir()) if d.is_dir() for layout in info.layouts if layout.present(d)]
-    folders = sorted({str(d) for _, d in inside})
-    if len(folders) == 1:
-        return inside[0]
-    if len(folders) > 1:
-        raise ValueError(
-            f"{info.title}: several folders in {root} look like it: {', '.join(folders)}; pass one of them"
-        )
-    tried = "\n".join(f"  - {layout.name}: {layout.expects}" for layout in info.layouts)
-    raise FileNotFoundError(
-        f"{info.title} not found in {root} nor in any folder directly inside it; the layouts tried:\n{tried}\n"
-        f"(usually obtained from: {info.source})"
-    )
 
 
 def load_fewshot(
@@ -526,7 +262,7 @@ def load_fewshot(
         with cache.locked(path.with_name(f".{prefix}lock")):
             data = _from_cache(path)
             if data is None:
-                data, path = _build(info, layout, base, scan, size, resize, workers, progress, path, prefix)
+                data, path = _build(info.title, layout, base, scan, size, resize, workers, progress, path, prefix)
     splits = {p: FewShotSplit(s["images"], s["counts"], list(s["classes"])) for p, s in data["splits"].items()}
     counts = "/".join(str(len(splits[p])) for p in PARTS)
     if info.classes is not None and counts != "/".join(map(str, info.classes)) and progress and path not in _NOTED:
@@ -544,199 +280,4 @@ def load_fewshot(
     )  # fmt: skip
 
 
-def _build(
-    info: DatasetInfo,
-    layout: _Layout,
-    base: Path,
-    scan: _Scan | None,
-    size: int,
-    resize: str,
-    workers: int | None,
-    progress: bool,
-    path: Path,
-    prefix: str,
-) -> tuple[dict, Path | None]:
-    """Decodes the dataset and writes its cache at `path` (removing older caches of `prefix`): (the cache's
-    contents, its path or None where it could not be written)."""
-    if scan is not None:
-        splits = _decode_scan(scan, size, resize, workers, progress, info.title)
-    else:
-        splits = _from_arrays(layout.read(base), size, resize, info.title, progress)
-    mean, std = _mean_std(splits["train"])
-    data = {
-        "version": DECODE_VERSION,
-        "layout": layout.name,
-        "splits": {p: {"images": s.images, "counts": s.counts, "classes": s.classes} for p, s in splits.items()},
-        "mean": mean,
-        "std": std,
-    }
-    if not cache.save_cached(data, path):
-        return data, None
-    for old in path.parent.glob(f"{prefix}*.pt"):  # the same folder, size and resize, older files or code
-        if old != path:
-            old.unlink(missing_ok=True)
-    return data, path
-
-
 _NOTED: set = set()
-
-
-def _code_version() -> str:
-    """This module's source as imported, DECODE_VERSION and the decoder's version: a change to any re-decodes."""
-    import PIL
-
-    return f"{DECODE_VERSION}|{PIL.__version__}|{_SOURCE}"
-
-
-_SOURCE = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12]  # the code running, not a later edit of it
-
-
-def _from_cache(path: Path) -> dict | None:
-    data = cache.load_cached(path, mmap=True)
-    try:
-        if data is None or data["version"] != DECODE_VERSION:
-            return None
-        for p in PARTS:
-            s = data["splits"][p]
-            if not (isinstance(s["images"], Tensor) and isinstance(s["counts"], Tensor) and len(s["classes"])):
-                return None
-        return data if isinstance(data["mean"], Tensor) and isinstance(data["std"], Tensor) else None
-    except (KeyError, TypeError):
-        return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Decoding.
-
-
-def _decode_file(path: str | Path, size: int, resize: str) -> np.ndarray:
-    """One image file as (size, size, 3) uint8 RGB."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that is still >= size (else no-op)
-            return _resized(im.convert("RGB"), size, resize)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # UnidentifiedImageError: OSError
-        raise ValueError(f"cannot decode image {path}: {e}") from None
-
-
-def _resized(im: object, size: int, resize: str) -> np.ndarray:
-    from PIL import Image
-
-    w, h = im.size
-    if (w, h) != (size, size):
-        if resize == "square":
-            im = im.resize((size, size), Image.LANCZOS)
-        else:  # torchvision's Resize(size) then CenterCrop(size)
-            nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-            im = im.resize((nw, nh), Image.LANCZOS)
-            left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
-            im = im.crop((left, top, left + size, top + size))
-    return np.asarray(im, dtype=np.uint8)
-
-
-class _Bar:
-    """tqdm on stderr where installed, else a line at the start and one at the end."""
-
-    def __init__(self, total: int, text: str, show: bool) -> None:
-        self.bar, self.show, self.text, self.start = None, show, text, time.time()
-        if not show:
-            return
-        try:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=text, unit="img", file=sys.stderr, dynamic_ncols=True)
-        except ImportError:
-            print(f"{text}: {total} images (once; pip install tqdm for a progress bar)", file=sys.stderr, flush=True)
-        self.lock = threading.Lock()
-
-    def update(self, n: int) -> None:
-        if self.bar is not None:
-            with self.lock:
-                self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.show:
-            print(f"{self.text}: done in {time.time() - self.start:.1f} s", file=sys.stderr, flush=True)
-
-
-def _decode_scan(
-    scan: _Scan, size: int, resize: str, workers: int | None, progress: bool, title: str
-) -> dict[str, FewShotSplit]:
-    """Every image of `scan`, decoded by `workers` threads (PIL releases the GIL while decoding and resizing)
-    straight into the class-major uint8 tensors."""
-    splits, jobs = {}, []
-    for part, classes in scan.parts.items():
-        E = max(len(paths) for _, paths in classes)
-        images = torch.zeros(len(classes), E, 3, size, size, dtype=torch.uint8)
-        target = images.numpy()  # the same memory
-        for c, (_, paths) in enumerate(classes):
-            jobs += [(p, target[c, e]) for e, p in enumerate(paths)]
-        counts = torch.tensor([len(paths) for _, paths in classes], dtype=torch.int64)
-        splits[part] = FewShotSplit(images, counts, [name for name, _ in classes])
-    bar = _Bar(len(jobs), f"decoding {title}", progress)
-
-    def run(chunk: list[tuple[str, np.ndarray]]) -> None:
-        for p, out in chunk:
-            out[...] = _decode_file(p, size, resize).transpose(2, 0, 1)
-        bar.update(len(chunk))
-
-    workers = workers or len(os.sched_getaffinity(0))
-    chunks = [jobs[i : i + 64] for i in range(0, len(jobs), 64)]
-    try:
-        if workers <= 1:
-            for chunk in chunks:
-                run(chunk)
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                futures = [pool.submit(run, chunk) for chunk in chunks]
-                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-                for f in futures:
-                    f.cancel()
-                for f in done:
-                    f.result()  # the first error, if any
-    finally:
-        bar.close()
-    return splits
-
-
-def _from_arrays(
-    parts: dict[str, list[tuple[str, np.ndarray]]], size: int, resize: str, title: str, progress: bool
-) -> dict[str, FewShotSplit]:
-    """Already-decoded arrays (n, H, W, 3) per class, resized where they are not size x size."""
-    from PIL import Image
-
-    splits = {}
-    total = sum(len(a) for classes in parts.values() for _, a in classes)
-    same = all(a.shape[1:3] == (size, size) for classes in parts.values() for _, a in classes)
-    bar = _Bar(total, f"resizing {title} to {size}", progress and not same)
-    for part, classes in parts.items():
-        E = max(len(a) for _, a in classes)
-        images = torch.zeros(len(classes), E, 3, size, size, dtype=torch.uint8)
-        for c, (_, a) in enumerate(classes):
-            if a.shape[1:3] != (size, size):
-                a = np.stack([_resized(Image.fromarray(np.ascontiguousarray(x)), size, resize) for x in a])
-                bar.update(len(a))
-            images[c, : len(a)] = torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
-        counts = torch.tensor([len(a) for _, a in classes], dtype=torch.int64)
-        splits[part] = FewShotSplit(images, counts, [name for name, _ in classes])
-    bar.close()
-    return splits
-
-
-def _mean_std(split: FewShotSplit) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and std (float64, of pixels in [0, 1]) of the valid images of `split`, exact (from
-    histograms of the uint8 values)."""
-    hist = torch.zeros(3, 256, dtype=torch.float64)
-    for c, n in enumerate(split.counts.tolist()):
-        x = split.images[c, :n]
-        for ch in range(3):
-            hist[ch] += torch.bincount(x[:, ch].reshape(-1), minlength=256).double()
-    v = torch.arange(256, dtype=torch.float64) / 255
-    total = hist.sum(1)
-    mean = (hist * v).sum(1) / total
-    std = ((hist * v**2).sum(1) / total - mean**2).clamp_min(0).sqrt()
-    return mean, std.clamp_min(1 / 255)  # images of one colour (synthetic data) must not divide by 0
