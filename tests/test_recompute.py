@@ -21,7 +21,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import fastmeta
-from fastmeta.algorithms import maml as maml_module
+from fastmeta.algorithms import recompute as maml_module
 from fastmeta.models import ResNet12
 
 D64 = torch.float64

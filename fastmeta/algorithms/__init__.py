@@ -1,17 +1,8 @@
 """Meta-learning algorithms built on fastmeta's ops."""
 
 from fastmeta.algorithms.common import ClassificationOutput, Learner, Option, ProtoOutput
-from fastmeta.algorithms.maml import (
-    LSLR,
-    AdaptedModel,
-    InnerLR,
-    MAMLOutput,
-    MetaSGDLR,
-    adapt,
-    maml_step,
-    msl_weights,
-    task_losses,
-)
+from fastmeta.algorithms.inner import LSLR, InnerLR, MAMLOutput, MetaSGDLR, task_losses
+from fastmeta.algorithms.maml import AdaptedModel, adapt, maml_step, msl_weights
 from fastmeta.algorithms.maml_learners import FOMAML, MAML, METASGD, PRETRAIN
 from fastmeta.algorithms.matching import MATCHING, FullContextEmbedding, matching_log_probs, matching_step
 from fastmeta.algorithms.meta_lstm import META_LSTM, MetaLSTM, meta_lstm_step

@@ -18,7 +18,8 @@ from fastmeta.algorithms.common import (
     zero_head,
     zero_head_after_step,
 )
-from fastmeta.algorithms.maml import MAMLOutput, MetaSGDLR, adapt, maml_step
+from fastmeta.algorithms.inner import MAMLOutput, MetaSGDLR
+from fastmeta.algorithms.maml import adapt, maml_step
 from fastmeta.data import TaskBatch
 
 __all__ = [

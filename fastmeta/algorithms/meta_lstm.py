@@ -11,7 +11,6 @@ fastmeta.ops.fast_weight_update with per-task, per-element lr = i_t and decay = 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ from fastmeta.algorithms.common import (
 )
 from fastmeta.algorithms.common import per_task_fast_weights as _per_task_weights
 from fastmeta.algorithms.common import query_accuracy as _accuracy
-from fastmeta.algorithms.maml import MAMLOutput, task_losses
+from fastmeta.algorithms.inner import LossFn, MAMLOutput, task_losses
 from fastmeta.data import TaskBatch
 
 __all__ = ["MetaLSTM", "preprocess", "meta_lstm_step"]
@@ -82,7 +81,7 @@ class MetaLSTM(nn.Module):
         support_x: Tensor,
         support_y: Tensor,
         steps: int,
-        loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+        loss_fn: LossFn = F.cross_entropy,
         strategy: str = "auto",
     ) -> tuple[dict[str, Tensor], Tensor]:
         """Fast weights of T tasks after `steps` meta-learner updates on their support sets (T, Ns, ...):
@@ -131,7 +130,7 @@ def meta_lstm_step(
     meta: MetaLSTM,
     batch: TaskBatch,
     steps: int = 5,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    loss_fn: LossFn = F.cross_entropy,
     strategy: str = "auto",
 ) -> MAMLOutput:
     """One meta-training step: adapt T tasks with `meta` (MetaLSTM.adapt), then the mean query loss of the

@@ -19,7 +19,8 @@ from fastmeta.algorithms.common import (
     zero_head_after_step,
 )
 from fastmeta.algorithms.common import query_accuracy as _accuracy
-from fastmeta.algorithms.maml import InnerLR, LossFn, adapt, task_losses
+from fastmeta.algorithms.inner import InnerLoop, InnerLR, LossFn, task_losses
+from fastmeta.algorithms.maml import adapt_prepared
 from fastmeta.algorithms.maml_learners import build_with_head, predict_by_adapting
 from fastmeta.data import TaskBatch
 
@@ -60,10 +61,8 @@ def reptile_step(
     """
     if not isinstance(batch, TaskBatch):
         raise TypeError(f"reptile_step: batch must be a fastmeta.TaskBatch, got {type(batch).__name__}")
-    adapted = adapt(
-        model, batch.support_x, batch.support_y, inner_lr, inner_steps, loss_fn, adapt_params=adapt_params,
-        strategy=strategy,
-    )  # fmt: skip
+    loop = InnerLoop(inner_lr, inner_steps, loss_fn=loss_fn, adapt_params=adapt_params, strategy=strategy)
+    adapted = adapt_prepared(loop.prepare("reptile_step", model, batch.support_x), batch.support_x, batch.support_y)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, fast in adapted.fast_weights.items():
