@@ -63,7 +63,7 @@ PATCHES: dict[str, list[tuple[object, str, object]]] = {
     "ATen double backward": [(_conv, "conv", _aten_conv)],
     "ATen batch-norm double backward": [(_batched.layers, "_norm", _ATenNorm)],
     "batch-norm double backward in ops": [(ops, "_batch_norm_double_backward", _double_backward_in_ops)],
-    "per-task large sets": [(_batched, "GROUPED_ALWAYS", set())],
+    "per-task large sets": [(_batched.layout, "GROUPED_ALWAYS", set())],
     # not a choice of the runner: cuDNN's autotuner (off by default in torch), for maml_step and vmap alike
     "cudnn.benchmark": [(torch.backends.cudnn, "benchmark", True)],
 }

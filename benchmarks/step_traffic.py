@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--small", action="store_true", help="toy sizes (2 tasks), S=1: checks the script")
     args = parser.parse_args(argv)
     # The runner's CUDA layout on the meta device, and the kernels' fake implementations for the fastmeta ops.
-    _batched.GROUPED_ALWAYS.add("meta")
+    _batched.layout.GROUPED_ALWAYS.add("meta")
     _kernels.runs = lambda t: True
     print("| workload | method | calls | GB | convolutions | calls vs fastmeta | GB vs fastmeta |")
     print("|---|---|---:|---:|---:|---:|---:|")

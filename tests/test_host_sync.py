@@ -60,7 +60,7 @@ class NoHostRead(TorchDispatchMode):
 @pytest.fixture
 def gpu_layout(monkeypatch: pytest.MonkeyPatch) -> str:
     """The meta device, laid out and dispatched as CUDA would be."""
-    monkeypatch.setattr(_batched, "GROUPED_ALWAYS", _batched.GROUPED_ALWAYS | {"meta"})
+    monkeypatch.setattr(_batched.layout, "GROUPED_ALWAYS", _batched.layout.GROUPED_ALWAYS | {"meta"})
     if _kernels.AVAILABLE:  # the kernels' fake implementations, as on a GPU (else the reference ops)
         monkeypatch.setattr(_kernels, "runs", lambda t: True)
     return "meta"

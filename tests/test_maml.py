@@ -38,7 +38,7 @@ def conv4(channels=4, n_way=3, bn=True, in_channels=1, bn_signs="mixed"):
 @pytest.fixture(params=["grouped", "per-task"])
 def layout(request, monkeypatch):
     """Convolutions of all tasks as one grouped convolution, or per task (channels-last on the CPU)."""
-    monkeypatch.setattr(_batched, "GROUPED_MAX_EXAMPLES", 10**9 if request.param == "grouped" else 0)
+    monkeypatch.setattr(_batched.layout, "GROUPED_MAX_EXAMPLES", 10**9 if request.param == "grouped" else 0)
     return request.param
 
 

@@ -187,7 +187,7 @@ MODELS = {
 @pytest.fixture(params=["grouped", "per-task"])
 def layout(request, monkeypatch):
     """Convolutions of all tasks as one grouped convolution, or per task (channels-last on the CPU)."""
-    monkeypatch.setattr(_batched, "GROUPED_MAX_EXAMPLES", 10**9 if request.param == "grouped" else 0)
+    monkeypatch.setattr(_batched.layout, "GROUPED_MAX_EXAMPLES", 10**9 if request.param == "grouped" else 0)
     return request.param
 
 
@@ -208,9 +208,9 @@ def test_meta_gradient_matches_loop(name, first_order, steps, layout):
 @pytest.mark.parametrize("first_order", [False, True], ids=["2nd", "1st"])
 def test_nchw_layout_matches_loop(first_order, monkeypatch):
     """Per-task convolutions in NCHW (as on wide tiny maps, ResNet-12's last block at full width)."""
-    monkeypatch.setattr(_batched, "GROUPED_MAX_EXAMPLES", 0)
-    monkeypatch.setattr(_batched, "NCHW_MAX_PIXELS", 10**9)
-    monkeypatch.setattr(_batched, "NCHW_MIN_CHANNELS", 0)
+    monkeypatch.setattr(_batched.layout, "GROUPED_MAX_EXAMPLES", 0)
+    monkeypatch.setattr(_batched.layout, "NCHW_MAX_PIXELS", 10**9)
+    monkeypatch.setattr(_batched.layout, "NCHW_MIN_CHANNELS", 0)
     model, batch = resnet12(), batch_of((1, 16, 16))
     params = list(model.parameters())
     out = fastmeta.maml_step(model, batch, 0.3, 2, first_order, strategy="batched")
@@ -222,8 +222,8 @@ def test_nchw_layout_matches_loop(first_order, monkeypatch):
 def test_grouped_then_per_task_nchw_matches_loop(first_order, monkeypatch):
     """Small support sets: grouped convolutions on the large maps, then per task in NCHW on the wide tiny ones
     (ResNet-12's last blocks at full width), so activations go from the grouped layout to per-task tensors."""
-    monkeypatch.setattr(_batched, "NCHW_MAX_PIXELS", 16)  # 4x4 maps and smaller: blocks 3 and 4 of a 16x16 input
-    monkeypatch.setattr(_batched, "NCHW_MIN_CHANNELS", 3)
+    monkeypatch.setattr(_batched.layout, "NCHW_MAX_PIXELS", 16)  # 4x4 maps and smaller: blocks 3 and 4 of a 16x16 input
+    monkeypatch.setattr(_batched.layout, "NCHW_MIN_CHANNELS", 3)
     groups = []
     conv = _batched._Conv.conv
     monkeypatch.setattr(
@@ -327,7 +327,7 @@ def test_second_order_grouped_step_runs_one_convolution_per_call(monkeypatch):
     runner's takes all tasks in one call, so the number of convolution calls does not grow with T."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    monkeypatch.setattr(_batched, "GROUPED_MAX_EXAMPLES", 10**9)
+    monkeypatch.setattr(_batched.layout, "GROUPED_MAX_EXAMPLES", 10**9)
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -352,7 +352,7 @@ def test_shared_weights_run_as_one_ordinary_convolution(monkeypatch):
     weights per task), with the meta-gradient of the grouped form."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    monkeypatch.setattr(_batched, "GROUPED_MAX_EXAMPLES", 10**9)
+    monkeypatch.setattr(_batched.layout, "GROUPED_MAX_EXAMPLES", 10**9)
 
     class Groups(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -27,16 +27,13 @@ Where things live (each module's docstring says more):
     plan.py      torch.fx tracing and the plan (one step per node, fused chains), cached per model and mode
     runners.py   TracedModel, VmapModel, LoopModel and runner(model, strategy)
 
-The layout settings can be read and set here (`_batched.GROUPED_ALWAYS = ...`, or monkeypatch.setattr on this
-package): they are layout.py's, which reads them at each call.
+The layout settings are module attributes of layout.py, read at each call (set them there:
+`monkeypatch.setattr(_batched.layout, "GROUPED_MAX_EXAMPLES", 0)`).
 """
 
 from __future__ import annotations
 
-import sys
-import types
-
-from fastmeta.algorithms._batched import layout
+from fastmeta.algorithms._batched import layout as layout  # its settings are patched there
 from fastmeta.algorithms._batched.layers import LAYERS, register_layer
 from fastmeta.algorithms._batched.layers import _Conv as _Conv  # tests patch _Conv.conv
 from fastmeta.algorithms._batched.layout import Activation, Grouped, tasks_first
@@ -54,20 +51,3 @@ __all__ = [
     "runner",
     "tasks_first",
 ]
-
-
-def _forwarded(name: str) -> property:
-    """layout.<name>, read and set through this package."""
-    return property(lambda self: getattr(layout, name), lambda self, value: setattr(layout, name, value))
-
-
-class _Package(types.ModuleType):
-    """This package's module type: its layout settings are properties that read and write layout.py's."""
-
-    GROUPED_ALWAYS = _forwarded("GROUPED_ALWAYS")
-    GROUPED_MAX_EXAMPLES = _forwarded("GROUPED_MAX_EXAMPLES")
-    NCHW_MAX_PIXELS = _forwarded("NCHW_MAX_PIXELS")
-    NCHW_MIN_CHANNELS = _forwarded("NCHW_MIN_CHANNELS")
-
-
-sys.modules[__name__].__class__ = _Package
