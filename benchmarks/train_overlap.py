@@ -6,7 +6,7 @@ with a plain copy (what the loop did before, and what a `loss.item()` per step i
 
 Rows: MAML with the train command's defaults on sinusoid regression (MLP 1-40-40-1: a host-bound step on a
 GPU) and on Omniglot-shaped episodes (Conv4, 5-way 1-shot, 28x28, T=32; random images, no data needed).
-Each step is `fastmeta.train._step`, as `fastmeta train` runs it, with its optimiser. The time of `--steps`
+Each step is `fastmeta.train.train_step`, as `fastmeta train` runs it, with its optimiser. The time of `--steps`
 consecutive steps (a device synchronisation at the end), medians of interleaved rounds. On a CPU both ways
 are the same work, so the ratio stays near 1; on a GPU it shows what the host's wait cost.
 """
@@ -20,7 +20,7 @@ import time
 import torch
 
 from fastmeta import TaskBatch
-from fastmeta.train import RunConfig, _step, _to_device, build_model, datasets
+from fastmeta.train import RunConfig, build_model, datasets, to_device, train_step
 
 
 def _sync(device: str) -> None:
@@ -34,7 +34,7 @@ def run_steps(config: RunConfig, model, aux, opt, batches: list[TaskBatch], devi
     t = time.perf_counter()
     unread = None
     for batch in batches:
-        numbers = _step(config, model, aux, opt, _to_device(batch, device) if overlap else batch.to(device))
+        numbers = train_step(config, model, aux, opt, to_device(batch, device) if overlap else batch.to(device))
         if overlap:
             if unread is not None:
                 unread.read()

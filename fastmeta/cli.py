@@ -83,9 +83,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _default_out(config: object, resume: bool) -> str:
     """runs/<algo>-<dataset>[-<n>way<k>shot], numbered -2, -3, ... past existing runs (--resume: the latest)."""
-    from fastmeta.train import DATASETS
-
-    classes = "n_way" in DATASETS[config.dataset].reads
+    classes = "n_way" in config.spec.reads
     base = f"runs/{config.algo}-{config.dataset}" + (f"-{config.n_way}way{config.k_shot}shot" if classes else "")
     names = [base] + [f"{base}-{i}" for i in range(2, 1000)]
     # an empty folder (left by a run that failed before fastmeta made them lazily) is free to reuse
@@ -218,7 +216,7 @@ def _report(args: argparse.Namespace, config: object, out: str, result: dict, de
             return f"{scale * mean:.{digits}f}{unit} +- {scale * ci:.{digits}f}{unit}"
 
         c, n = t["config"], t["inner_steps"]
-        what = f"{c['n_way']}-way {c['k_shot']}-shot" if "n_way" in _reads(config) else f"{c['k_shot']}-shot"
+        what = f"{c['n_way']}-way {c['k_shot']}-shot" if "n_way" in config.spec.reads else f"{c['k_shot']}-shot"
         steps = "" if n is None else f", {n} inner step{'' if n == 1 else 's'}"
         lines.append(
             f"test: {t['metric']} {score(t['mean'], t['ci95'])} (95% CI), {t['tasks']} {what} tasks of the test "
@@ -244,14 +242,9 @@ def _report(args: argparse.Namespace, config: object, out: str, result: dict, de
     print("\n".join(lines))
 
 
-def _reads(config: object) -> tuple[str, ...]:
-    from fastmeta.train import DATASETS
-
-    return DATASETS[config.dataset].reads
-
-
 def _eval(args: argparse.Namespace) -> int:
-    from fastmeta.train import DATASETS, evaluate
+    from fastmeta.data.registry import DATASETS
+    from fastmeta.train import evaluate
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -299,14 +292,15 @@ def _learners_help() -> str:
 
 
 def _add_run_settings(group: argparse._ArgumentGroup) -> None:
-    """One option per RunConfig setting, with its help and per-dataset defaults (fastmeta.train.DATASETS)."""
-    from fastmeta.train import DATASETS, RunConfig
+    """One option per RunConfig setting, with its help and per-dataset defaults (fastmeta.data.registry)."""
+    from fastmeta.data.registry import DATASETS
+    from fastmeta.train import RunConfig
 
     for f in fields(RunConfig):
         if f.name == "options":
             continue
         meta = f.metadata
-        per_dataset = {n: d.defaults.get(f.name, f.default) for n, d in DATASETS.items()}
+        per_dataset = {n: d.settings.get(f.name, f.default) for n, d in DATASETS.items()}
         if f.name not in ("algo", "dataset") and len(set(map(str, per_dataset.values()))) > 1:
             default = "default: " + ", ".join(f"{n} {v}" for n, v in per_dataset.items())
         else:
@@ -330,7 +324,7 @@ def _add_learner_options(group: argparse._ArgumentGroup) -> None:
         for reader in readers:
             o = LEARNERS[reader].option(name)
             text = "" if o.default is None else str(o.default)
-            text += "".join(f", {d} {v}" for d, v in o.per_dataset.items() if v not in (None, o.default))
+            text += "".join(f", {d} {v}" for d, v in o.per_domain.items() if v not in (None, o.default))
             defaults.setdefault(text, []).append(reader)
         said = "; ".join(f"{', '.join(who)}: {text}" for text, who in defaults.items() if text)
         text = f"{', '.join(readers)}: {option.help}" + (f" (default {said})" if said else "")

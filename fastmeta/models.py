@@ -5,12 +5,14 @@ ResNet-12 through its traced graph)."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Conv4", "MLP", "KochNet", "ResNet12", "DropBlock"]
+__all__ = ["Conv4", "MLP", "KochNet", "ResNet12", "DropBlock", "MODELS", "BACKBONES", "Backbone", "from_config"]
 
 
 class Conv4(nn.Sequential):
@@ -219,16 +221,51 @@ class ResNet12(nn.Sequential):
         }
 
 
+# Every model a checkpoint can name ("model" in its config), by that name: the class, called with the rest of the
+# config as keyword arguments. A new backbone: its class (with a `config` dict naming it), an entry here and one in
+# BACKBONES.
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "Conv4": Conv4,
+    "MLP": lambda sizes: MLP(tuple(sizes)),
+    "KochNet": KochNet,
+    "ResNet12": ResNet12,
+}
+
+
 def from_config(config: dict) -> nn.Module:
     """The model a checkpoint's `config` describes (as in its `.config`)."""
     kind = config.get("model")
-    args = {k: v for k, v in config.items() if k != "model"}
-    if kind == "Conv4":
-        return Conv4(**args)
-    if kind == "MLP":
-        return MLP(tuple(args["sizes"]))
-    if kind == "KochNet":
-        return KochNet(**args)
-    if kind == "ResNet12":
-        return ResNet12(**args)
-    raise ValueError(f"unknown model {kind!r} in the checkpoint's config")
+    if kind not in MODELS:
+        raise ValueError(f"unknown model {kind!r} in the checkpoint's config")
+    return MODELS[kind](**{k: v for k, v in config.items() if k != "model"})
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A network a classifying run can build (`--backbone NAME`). config(hidden, image_size, channels, n_way):
+    its from_config dict for a run's --hidden and --image-size, the dataset's image channels and the head's
+    outputs (None: no head, an embedding network). embedding_only: it has no head, so only the learners that
+    read embeddings use it."""
+
+    config: Callable[[int, int, int, int | None], dict]
+    embedding_only: bool = False
+
+
+BACKBONES: dict[str, Backbone] = {
+    "conv4": Backbone(
+        lambda hidden, size, channels, n_way: {
+            "model": "Conv4", "n_way": n_way, "in_channels": channels, "hidden": hidden, "image_size": size,
+        }
+    ),
+    "koch": Backbone(  # Koch et al.'s Siamese network, for 105x105 images
+        lambda hidden, size, channels, n_way: {
+            "model": "KochNet", "in_channels": channels, "image_size": size, "embedding_size": 4096,
+        },
+        embedding_only=True,
+    ),
+    "resnet12": Backbone(  # MetaOptNet's ResNet-12, widths 64-160-320-640
+        lambda hidden, size, channels, n_way: {
+            "model": "ResNet12", "n_way": n_way, "in_channels": channels, "image_size": size,
+        }
+    ),
+}  # fmt: skip

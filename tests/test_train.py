@@ -11,7 +11,7 @@ import torch
 
 from fastmeta import train as training
 from fastmeta.cli import main
-from fastmeta.train import RunConfig
+from fastmeta.train import RunConfig, evaluation, loop
 
 OMNIGLOT = Path(os.environ.get("FASTMETA_OMNIGLOT", Path(__file__).resolve().parents[2] / "shared/data/omniglot"))
 QUICK = ["--iterations", "30", "--val-every", "10", "--val-episodes", "2"]
@@ -295,10 +295,10 @@ def test_train_and_eval_on_a_device(tmp_path, capsys, device):
 def test_step_numbers_and_batches_cross_between_host_and_device(device):
     """What the loop sends without waiting arrives intact: a step's numbers to the host (read after the
     step's event on a GPU), an episode batch to the device (through pinned memory on a GPU)."""
-    numbers = training._StepNumbers(torch.tensor([0.25, math.nan], dtype=torch.float64, device=device) * 2, True)
+    numbers = training.StepNumbers(torch.tensor([0.25, math.nan], dtype=torch.float64, device=device) * 2, True)
     assert numbers.stop and numbers.read() == {"loss": 0.5, "accuracy": None}
     batch = training.datasets(RunConfig.make("sinusoid", meta_batch=3), "train")[0]
-    moved = training._to_device(batch, device)
+    moved = training.to_device(batch, device)
     assert moved.device.type == device
     for name in ("support_x", "support_y", "query_x", "query_y"):
         assert torch.equal(getattr(moved, name).cpu(), getattr(batch, name))
@@ -329,14 +329,14 @@ def test_eval_tests_the_asked_episodes_on_every_part(tmp_path, monkeypatch):
         "sinusoid", algo="reptile", k_shot=5, train_shot=20, meta_batch=2, iterations=2, val_every=2, val_episodes=1
     )
     training.train(config, tmp_path / "run")
-    shots, real = [], training.datasets
+    shots, real = [], evaluation.datasets
 
     def recording(config, part="train", shard=(0, 1)):
         episodes = real(config, part, shard)
         shots.append((part, episodes[0].support_x.shape[1]))
         return episodes
 
-    monkeypatch.setattr(training, "datasets", recording)
+    monkeypatch.setattr(evaluation, "datasets", recording)
     for part in ("train", "trainval", "test"):
         result = training.evaluate(tmp_path / "run" / "checkpoint.pt", episodes=2, part=part)
         assert result["config"]["k_shot"] == 5 and result["inner_steps"] == 1
@@ -487,7 +487,7 @@ def test_non_finite_or_negative_rates_are_refused(tmp_path, capsys, flag, value,
 def test_a_diverging_run_stops_and_keeps_its_checkpoints(tmp_path, capsys, monkeypatch):
     """When the training loss becomes NaN the run stops at that step, says so and what to try, and leaves the
     last checkpoint and best.pt as they were."""
-    real, calls = training._step, []
+    real, calls = loop.train_step, []
 
     def diverging(config, model, *args, **kwargs):
         calls.append(1)
@@ -496,7 +496,7 @@ def test_a_diverging_run_stops_and_keeps_its_checkpoints(tmp_path, capsys, monke
                 next(model.parameters()).fill_(math.nan)
         return real(config, model, *args, **kwargs)
 
-    monkeypatch.setattr(training, "_step", diverging)
+    monkeypatch.setattr(loop, "train_step", diverging)
     out = tmp_path / "run"
     code, _, err = run(
         ["train", "--out", str(out), "--iterations", "20", "--val-every", "10", "--val-episodes", "1"], capsys
@@ -512,7 +512,7 @@ def test_a_diverging_run_stops_and_keeps_its_checkpoints(tmp_path, capsys, monke
 def test_a_step_is_read_after_the_next_one_is_issued(tmp_path, capsys, monkeypatch):
     """The loop reads a step's loss after issuing the next step (on a GPU the host then queues it while the
     device runs the last one), and each step's own before a validation, a checkpoint or the end."""
-    real, log, steps = training._step, [], []
+    real, log, steps = loop.train_step, [], []
 
     class Logged:
         def __init__(self, numbers, i):
@@ -527,14 +527,14 @@ def test_a_step_is_read_after_the_next_one_is_issued(tmp_path, capsys, monkeypat
         log.append(f"step {len(steps)}")
         return Logged(real(*args, **kwargs), len(steps))
 
-    real_validate = training.evaluate_model
+    real_validate = loop.evaluate_model
 
     def validate(*args, **kwargs):
         log.append("validate")
         return real_validate(*args, **kwargs)
 
-    monkeypatch.setattr(training, "_step", logged)
-    monkeypatch.setattr(training, "evaluate_model", validate)
+    monkeypatch.setattr(loop, "train_step", logged)
+    monkeypatch.setattr(loop, "evaluate_model", validate)
     args = ["train", "--out", str(tmp_path / "run"), "--iterations", "5", "--val-every", "3", "--val-episodes", "1"]
     code, _, err = run([*args, "--test-episodes", "4"], capsys)
     assert code == 0, err

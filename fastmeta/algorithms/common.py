@@ -86,7 +86,8 @@ Build = Callable[[Settings, nn.Module], "tuple[nn.Module, nn.Module | None]"]
 @dataclass(frozen=True)
 class Option:
     """A setting a learner reads: `--name` on the command line (dashes for underscores), `config.name` in the
-    learner's code. default: for every dataset but those in per_dataset. valid, bound: a check and its text
+    learner's code. default: for every dataset but those of a domain in per_domain (a dataset's domain:
+    fastmeta.data.registry.DOMAINS, "functions", "characters" or "natural"). valid, bound: a check and its text
     ("must be {bound}"). A bool option is a flag. same_result: it changes how the run computes, not what it
     trains (a resumed run may change it)."""
 
@@ -94,15 +95,16 @@ class Option:
     type: type
     help: str
     default: object = None
-    per_dataset: dict[str, object] = field(default_factory=dict)
+    per_domain: dict[str, object] = field(default_factory=dict)
     choices: tuple | None = None
     valid: Callable[[Any], bool] | None = None
     bound: str = ""
     metavar: str | None = None
     same_result: bool = False
 
-    def default_for(self, dataset: str) -> object:
-        return self.per_dataset.get(dataset, self.default)
+    def default_for(self, domain: str) -> object:
+        """Its default for the datasets of `domain`."""
+        return self.per_domain.get(domain, self.default)
 
     def but(self, **changes: object) -> Option:
         """This option with other defaults, help or bounds (e.g. Reptile's inner rate)."""
@@ -142,7 +144,8 @@ class Learner:
         learns (`aux`: Meta-SGD's rates, matching networks' FCE), or None.
     head: the backbone ends in an n_way linear head (False: an embedding network).
     tasks: "regression" and/or "classification": the datasets it runs on.
-    defaults: per dataset, run settings other than the dataset's own (e.g. fewer tasks per meta-batch).
+    defaults: per dataset domain ("functions", "characters", "natural"), run settings other than the dataset's
+        own (e.g. fewer tasks per meta-batch).
     optimizer: "adam" or "sgd" (Reptile's outer step). schedule: the meta learning rate's default schedule.
     after_backward(config, params): between the meta-gradient (summed over processes) and the optimiser step.
     after_step(config, model): after the optimiser step.
@@ -174,27 +177,20 @@ class Learner:
         return self.option("eval_inner_steps") is not None
 
 
-# The RGB few-shot datasets (fastmeta.data.load_fewshot): MAML's inner loop as Finn et al. ran it on
-# mini-ImageNet (rate 0.01, 5 steps in training, 10 at test), not Omniglot's single step at 0.4.
-RGB_DATASETS = ("folder", "miniimagenet", "cifarfs", "fc100", "cub")
-
-
-def _rgb(value: object) -> dict[str, object]:
-    return dict.fromkeys(RGB_DATASETS, value)
-
-
-# Options several learners read: declared once, adjusted per learner with Option.but.
+# Options several learners read: declared once, adjusted per learner with Option.but. On natural images
+# (mini-ImageNet and the other RGB datasets) MAML's inner loop is Finn et al.'s there (rate 0.01, 5 steps in
+# training, 10 at test), not Omniglot's single step at 0.4.
 INNER_LR = Option(
-    "inner_lr", float, "inner-loop learning rate", default=0.4, per_dataset={"sinusoid": 0.01, **_rgb(0.01)},
+    "inner_lr", float, "inner-loop learning rate", default=0.4, per_domain={"functions": 0.01, "natural": 0.01},
     valid=lambda v: v >= 0, bound=">= 0",
 )  # fmt: skip
 INNER_STEPS = Option(
-    "inner_steps", int, "inner steps per task in meta-training", default=1, per_dataset=_rgb(5),
+    "inner_steps", int, "inner steps per task in meta-training", default=1, per_domain={"natural": 5},
     valid=lambda v: v >= 0, bound=">= 0",
 )  # fmt: skip
 EVAL_INNER_STEPS = Option(
     "eval_inner_steps", int, "inner steps per task at validation and test (eval --inner-steps overrides)",
-    default=3, per_dataset={"sinusoid": 1, **_rgb(10)}, valid=lambda v: v >= 0, bound=">= 0",
+    default=3, per_domain={"functions": 1, "natural": 10}, valid=lambda v: v >= 0, bound=">= 0",
 )  # fmt: skip
 TRAIN_SHOT = Option(
     "train_shot", int, "support examples per class in training episodes (default: --k-shot; validation uses "

@@ -177,18 +177,18 @@ META_LSTM = Learner(
     options=(
         INNER_LR.but(
             help="the input gate's initial value, the first updates' rate (the paper's 0.011: b_i in [-5, -4])",
-            default=0.011, per_dataset={}, valid=lambda v: 0 < v < 1,
+            default=0.011, per_domain={}, valid=lambda v: 0 < v < 1,
             bound="in (0, 1) (the Meta-LSTM's first rate is its input gate)",
         ),
-        INNER_STEPS.but(default=5, per_dataset={"sinusoid": 1}),
-        EVAL_INNER_STEPS.but(default=5, per_dataset={"sinusoid": 1}),
+        INNER_STEPS.but(default=5, per_domain={"functions": 1}),
+        EVAL_INNER_STEPS.but(default=5, per_domain={"functions": 1}),
         TRAIN_SHOT,
         ZERO_HEAD,
     ),
     objective=lambda config, model, aux, batch: meta_lstm_step(model, batch, config.inner_steps, config.loss_fn),
     predict=_predict,
     build=_build,
-    defaults={"omniglot": {"meta_batch": 8}},
+    defaults={"characters": {"meta_batch": 8}},
     after_backward=_clip,
     after_step=_zero_head_after_step,
 )  # fmt: skip

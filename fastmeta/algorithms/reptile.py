@@ -83,10 +83,10 @@ REPTILE = Learner(
     summary="Reptile (Nichol et al. 2018): the weights move toward the tasks' adapted weights (SGD, --meta-lr "
     "the outer step, annealed linearly to 0)",
     options=(
-        INNER_LR.but(default=0.1, per_dataset={"sinusoid": 0.02}),
+        INNER_LR.but(default=0.1, per_domain={"functions": 0.02}),
         INNER_STEPS.but(default=5),
-        EVAL_INNER_STEPS.but(default=10, per_dataset={"sinusoid": 1}),
-        TRAIN_SHOT.but(default=10, per_dataset={"sinusoid": None}),
+        EVAL_INNER_STEPS.but(default=10, per_domain={"functions": 1}),
+        TRAIN_SHOT.but(default=10, per_domain={"functions": None}),
         ZERO_HEAD,
     ),
     objective=lambda config, model, aux, batch: reptile_step(
@@ -95,7 +95,7 @@ REPTILE = Learner(
     writes_gradient=True,
     predict=predict_by_adapting,
     build=build_with_head,
-    defaults={"omniglot": {"meta_batch": 5, "meta_lr": 1.0}, "sinusoid": {"meta_lr": 1.0}},
+    defaults={"characters": {"meta_batch": 5, "meta_lr": 1.0}, "functions": {"meta_lr": 1.0}},
     optimizer="sgd",
     schedule="linear",
     after_step=zero_head_after_step,
