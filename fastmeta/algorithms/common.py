@@ -17,6 +17,7 @@ from fastmeta.data import TaskBatch
 
 __all__ = [
     "ClassificationOutput",
+    "INIT_LR",
     "ProtoOutput",
     "classification_output",
     "query_accuracy",
@@ -150,6 +151,8 @@ class Learner:
     after_backward(config, params): between the meta-gradient (summed over processes) and the optimiser step.
     after_step(config, model): after the optimiser step.
     built_for: episode settings its model is built for ("n_way", "k_shot"), each with why: eval refuses others.
+    renamed: options renamed since checkpoints were written, old name -> new (old checkpoints load; the old
+        flag is an error that names the new one).
     """
 
     name: str
@@ -167,6 +170,7 @@ class Learner:
     after_backward: Callable[[Settings, list[Tensor]], None] | None = None
     after_step: Callable[[Settings, nn.Module], None] | None = None
     built_for: dict[str, str] = field(default_factory=dict)
+    renamed: dict[str, str] = field(default_factory=dict)
 
     def option(self, name: str) -> Option | None:
         return next((o for o in self.options if o.name == name), None)
@@ -191,6 +195,10 @@ INNER_STEPS = Option(
 EVAL_INNER_STEPS = Option(
     "eval_inner_steps", int, "inner steps per task at validation and test (eval --inner-steps overrides)",
     default=3, per_domain={"functions": 1, "natural": 10}, valid=lambda v: v >= 0, bound=">= 0",
+)  # fmt: skip
+INIT_LR = Option(
+    "init_lr", float, "initial value of the learned inner-loop rates", default=0.4,
+    per_domain={"functions": 0.01, "natural": 0.01}, valid=lambda v: v >= 0, bound=">= 0",
 )  # fmt: skip
 TRAIN_SHOT = Option(
     "train_shot", int, "support examples per class in training episodes (default: --k-shot; validation uses "

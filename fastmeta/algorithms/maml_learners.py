@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from fastmeta.algorithms.common import (
     EVAL_INNER_STEPS,
+    INIT_LR,
     INNER_LR,
     INNER_STEPS,
     TRAIN_SHOT,
@@ -91,7 +92,7 @@ def _maml(first_order: bool):  # noqa: ANN202
 
 def _build_metasgd(config: Settings, backbone: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     model, _ = build_with_head(config, backbone)
-    return model, MetaSGDLR(model, init=config.inner_lr)
+    return model, MetaSGDLR(model, init=config.init_lr)
 
 
 def _pretrain(config: Settings, model: nn.Module, aux: nn.Module | None, batch: TaskBatch) -> MAMLOutput:
@@ -102,16 +103,25 @@ def _pretrain(config: Settings, model: nn.Module, aux: nn.Module | None, batch: 
     return maml_step(model, every_point, config.inner_lr, 0, False, config.loss_fn)
 
 
-def _gradient_learner(name: str, summary: str, first_order: bool = False, build=build_with_head) -> Learner:  # noqa: ANN001
-    """A learner of the MAML family: maml_step in training, adaptation at test, the zeroing trick's hook."""
+def _gradient_learner(
+    name: str,
+    summary: str,
+    first_order: bool = False,
+    build=build_with_head,
+    rate: Option = INNER_LR,  # noqa: ANN001
+) -> Learner:
+    """A learner of the MAML family: maml_step in training, adaptation at test, the zeroing trick's hook.
+    rate: the option that sets its inner rate (a fixed step size, or the initial value of learned ones)."""
+    options = tuple(rate if o is INNER_LR else o for o in GRADIENT_OPTIONS)
     return Learner(
         name=name,
         summary=summary,
-        options=(*GRADIENT_OPTIONS, RECOMPUTE),
+        options=(*options, RECOMPUTE),
         objective=_maml(first_order=first_order),
         predict=predict_by_adapting,
         build=build,
         after_step=zero_head_after_step,
+        renamed={} if rate is INNER_LR else {"inner_lr": rate.name},
     )
 
 
@@ -119,8 +129,9 @@ MAML = _gradient_learner("maml", "MAML (Finn et al. 2017), second order")
 FOMAML = _gradient_learner("fomaml", "first-order MAML", first_order=True)
 METASGD = _gradient_learner(
     "metasgd",
-    "Meta-SGD (Li et al. 2017): learned per-element inner rates, starting at --inner-lr",
+    "Meta-SGD (Li et al. 2017): learned per-element inner rates, starting at --init-lr",
     build=_build_metasgd,
+    rate=INIT_LR,
 )
 PRETRAIN = Learner(
     name="pretrain",

@@ -20,7 +20,7 @@ from fastmeta import ops
 from fastmeta.algorithms._batched import runner, tasks_first
 from fastmeta.algorithms.common import (
     EVAL_INNER_STEPS,
-    INNER_LR,
+    INIT_LR,
     INNER_STEPS,
     TRAIN_SHOT,
     ZERO_HEAD,
@@ -147,7 +147,7 @@ def meta_lstm_step(
 
 def _build(config, backbone: nn.Module) -> tuple[nn.Module, nn.Module | None]:  # noqa: ANN001
     """The learner inside its meta-learner: one module, one state dict."""
-    model = MetaLSTM(backbone, hidden=20, init_lr=config.inner_lr)
+    model = MetaLSTM(backbone, hidden=20, init_lr=config.init_lr)
     if config.zero_head:
         zero_head(model.learner)
     return model, None
@@ -169,13 +169,13 @@ def _zero_head_after_step(config, model: MetaLSTM) -> None:  # noqa: ANN001
 
 
 # It reads T * P coordinates (P = 112k for a Conv4) through its LSTM at every update, so it takes fewer tasks per
-# step on images, and the paper's 5 updates; its inner_lr is the input gate's initial value, the learned rate.
+# step on images, and the paper's 5 updates; its init_lr is the input gate's initial value, the learned rate.
 META_LSTM = Learner(
     name="metalstm",
     summary="Ravi & Larochelle's LSTM meta-learner: its input and forget gates are the per-task, per-element "
     "rate and decay of fastmeta.ops.fast_weight_update; --inner-steps updates",
     options=(
-        INNER_LR.but(
+        INIT_LR.but(
             help="the input gate's initial value, the first updates' rate (the paper's 0.011: b_i in [-5, -4])",
             default=0.011, per_domain={}, valid=lambda v: 0 < v < 1,
             bound="in (0, 1) (the Meta-LSTM's first rate is its input gate)",
@@ -191,4 +191,5 @@ META_LSTM = Learner(
     defaults={"characters": {"meta_batch": 8}},
     after_backward=_clip,
     after_step=_zero_head_after_step,
+    renamed={"inner_lr": "init_lr"},
 )  # fmt: skip

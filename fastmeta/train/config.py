@@ -84,12 +84,13 @@ class RunConfig:
             extra = saved.pop("extra", None) or {}
             saved["layers"] = extra.get("layers", 2)
             old = {**{k: saved[k] for k in saved}, **extra}
+            old.update({new: old[name] for name, new in learner.renamed.items() if name in old})
             saved["options"] = {
                 o.name: old[o.name] if old.get(o.name) is not None else o.default_for(domain) for o in learner.options
             }
         saved["options"] = {  # options declared after the checkpoint was written: their defaults
             **{o.name: o.default_for(domain) for o in learner.options},
-            **saved["options"],
+            **{learner.renamed.get(k, k): v for k, v in saved["options"].items()},
         }
         names = {f.name for f in fields(RunConfig)}
         return RunConfig(**{k: v for k, v in saved.items() if k in names})
@@ -200,6 +201,9 @@ def _names(learner: Learner) -> str:
 def unread_option(learner: Learner, name: str, flag: Callable[[str], str] = str) -> str:
     """The error for a setting `learner` does not read: which learners read it, and what this one reads."""
     readers = [n for n, x in LEARNERS.items() if x.option(name) is not None]
+    if name in learner.renamed:
+        new = learner.renamed[name]  # an earlier name of one of its options
+        return f"{flag(name)} is not an option of {learner.name}: use {flag(new)}, {learner.option(new).help}"
     if not readers:
         return f"unknown setting {flag(name)}"
     reads = ", ".join(flag(o.name) for o in learner.options) or "no options of its own"

@@ -258,8 +258,9 @@ def _diverged(config: RunConfig, it: int, what: str, value: float, ckpt_path: Pa
         else "nothing was saved"
     )
     rates = [f"--meta-lr (now {config.meta_lr:g})"]
-    if "inner_lr" in config.options:
-        rates.append(f"--inner-lr (now {config.inner_lr:g})")
+    for name in ("inner_lr", "init_lr"):
+        if name in config.options:
+            rates.append(f"--{name.replace('_', '-')} (now {config.options[name]:g})")
     return (
         f"the {what} became {value} at iteration {it} of {config.iterations}; stopped: {kept}. Try a smaller "
         f"{' or '.join(rates)} in a new run, or --schedule cosine"
