@@ -8,11 +8,13 @@ python -m fastmeta bench [--device cpu|cuda] [--op all|fast_weight_update|contra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import sys
 import textwrap
+import warnings
 from dataclasses import fields
 
 import torch
@@ -116,7 +118,8 @@ def _train(args: argparse.Namespace) -> int:
     # under torchrun: one process group over all the processes (NCCL between GPUs, gloo between CPUs)
     rank, size = distributed.init_from_env("nccl" if device.type == "cuda" else "gloo")
     try:
-        code, finished = _train_in(args, rank, size, device)
+        with _one_line_warnings():
+            code, finished = _train_in(args, rank, size, device)
     except BaseException:
         if size > 1:  # no barrier: the other ranks may be waiting in a collective that never comes
             torch.distributed.destroy_process_group()
@@ -125,6 +128,14 @@ def _train(args: argparse.Namespace) -> int:
     if finished is not None:  # rank 0, after the others are released: the test is its alone
         _report(args, *finished, device)
     return code
+
+
+@contextlib.contextmanager
+def _one_line_warnings():  # noqa: ANN202
+    """Warnings of a run (e.g. a partial copy of a dataset) as one line on stderr, not Python's two."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *args, **kwargs: print(f"warning: {message}", file=sys.stderr)
+        yield
 
 
 def _device(name: str | None) -> torch.device:
@@ -250,17 +261,18 @@ def _eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         device = _device(args.device)
-        r = evaluate(
-            args.checkpoint,
-            args.episodes,
-            args.part,
-            args.inner_steps,
-            args.data,
-            args.tasks_per_batch,
-            device,
-            n_way=args.n_way,
-            k_shot=args.k_shot,
-        )
+        with _one_line_warnings():
+            r = evaluate(
+                args.checkpoint,
+                args.episodes,
+                args.part,
+                args.inner_steps,
+                args.data,
+                args.tasks_per_batch,
+                device,
+                n_way=args.n_way,
+                k_shot=args.k_shot,
+            )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -123,6 +123,88 @@ def test_miniimagenet_csv_layout(tmp_path):
     assert data.augment_padding == 2  # 8 at 84, scaled
 
 
+def test_miniimagenet_csv_over_class_folders_of_another_split(tmp_path):
+    """The csv files decide the parts, wherever the images are: in images/<class>/ or in folders of a mirror's own
+    split (train/<class>/, val/<class>/), found by file name without copying anything; the same pixels as the flat
+    images/ folder."""
+    arrays = make_mini_csv(tmp_path / "flat", classes=(3, 2, 2), n=4, size=12)
+    flat = load_fewshot("miniimagenet", tmp_path / "flat", image_size=12, progress=False)
+    for copy, folder_of in (("nested", lambda n, i: f"images/{n[:7]}"), ("mirror", lambda n, i: f"{'ab'[i % 2]}/x")):
+        root = tmp_path / copy
+        root.mkdir()
+        for part in ("train", "val", "test"):
+            shutil.copy(tmp_path / "flat" / f"{part}.csv", root / f"{part}.csv")
+        for i, name in enumerate(sorted(arrays)):  # the mirror mixes every part's images in its two folders
+            (root / folder_of(name, i)).mkdir(parents=True, exist_ok=True)
+            shutil.copy(tmp_path / "flat" / "images" / name, root / folder_of(name, i) / name)
+        data = load_fewshot("miniimagenet", root, image_size=12, progress=False)
+        assert data.layout == "csv"
+        for p in ("train", "val", "test"):
+            assert data.splits[p].classes == flat.splits[p].classes
+            assert torch.equal(data.splits[p].images, flat.splits[p].images)
+
+
+def test_miniimagenet_csv_errors_name_the_first_missing_or_repeated_file(tmp_path):
+    make_mini_csv(tmp_path / "mini", classes=(2, 1, 1), n=2, size=8)
+    root = tmp_path / "mini"
+    for name in ("ntrain0000000000.jpg", "ntest0000000001.jpg"):
+        (root / "images" / name).unlink()
+    with pytest.raises(FileNotFoundError, match="2 of the 8 files listed in train/val/test.csv are not under "
+                       ".*mini/images; the first: ntrain0000000000.jpg \\(train.csv\\)$"):  # fmt: skip
+        load_fewshot("miniimagenet", root, progress=False)
+    make_mini_csv(tmp_path / "again", classes=(2, 1, 1), n=2, size=8)
+    root = tmp_path / "again"
+    with open(root / "test.csv", "a") as f:
+        f.write("nval0000000001.jpg,nval00\n")
+    with pytest.raises(ValueError, match="1 file\\(s\\) listed twice .* \\(the first: nval0000000001.jpg, in "
+                       "val.csv and test.csv\\)"):  # fmt: skip
+        load_fewshot("miniimagenet", root, progress=False)
+    # the same name in two folders: which image is meant is not known
+    (root / "test.csv").write_text("filename,label\nntest0000000000.jpg,ntest00\nntest0000000001.jpg,ntest00\n")
+    (root / "images" / "copy").mkdir()
+    shutil.copy(root / "images" / "ntest0000000000.jpg", root / "images" / "copy")
+    with pytest.raises(ValueError, match="1 listed file name\\(s\\) are found at several places .* the first: "
+                       "ntest0000000000.jpg at "):  # fmt: skip
+        load_fewshot("miniimagenet", root, progress=False)
+
+
+def test_a_partial_copy_warns_with_the_published_split(tmp_path):
+    make_cub(tmp_path, counts=(2,) * 8, size=(8, 8))
+    with pytest.warns(UserWarning, match="CUB-200-2011 in .* has 4/2/2 train/val/test classes, but the split "
+                      "papers report has 100/50/50"):  # fmt: skip
+        load_fewshot("cub", tmp_path, image_size=8, progress=False)
+
+
+def test_cub_with_or_without_its_metadata_files(tmp_path):
+    """Caltech's archive has images.txt, classes.txt, ... beside images/; mirrors often only images/."""
+    make_cub(tmp_path / "bare", counts=(2,) * 8, size=(8, 8))
+    shutil.copytree(tmp_path / "bare", tmp_path / "full")
+    full = tmp_path / "full" / "CUB_200_2011"
+    (full / "classes.txt").write_text("".join(f"{i + 1} {i + 1:03d}.Bird_{i}\n" for i in range(8)))
+    (full / "images.txt").write_text("1 001.Bird_0/000.jpg\n")
+    (full / "train_test_split.txt").write_text("1 1\n")
+    (full / "attributes").mkdir()
+    with pytest.warns(UserWarning):
+        bare = load_fewshot("cub", tmp_path / "bare", image_size=8, progress=False)
+        data = load_fewshot("cub", tmp_path / "full", image_size=8, progress=False)
+    for p in ("train", "val", "test"):
+        assert data.splits[p].classes == bare.splits[p].classes
+        assert torch.equal(data.splits[p].images, bare.splits[p].images)
+
+
+@pytest.mark.parametrize("where", ["splits/bertinetto", ".", "data"])
+def test_cifarfs_split_files_beside_or_inside_data(tmp_path, where):
+    names = make_cifarfs(tmp_path / "fs", classes=(2, 1, 1), n=2)
+    if where != "splits/bertinetto":
+        for part in ("train", "val", "test"):
+            os.replace(
+                tmp_path / "fs" / "splits" / "bertinetto" / f"{part}.txt", tmp_path / "fs" / where / f"{part}.txt"
+            )
+        shutil.rmtree(tmp_path / "fs" / "splits")
+    data = load_fewshot("cifarfs", tmp_path / "fs", progress=False)
+    assert [data.splits[p].classes for p in ("train", "val", "test")] == [names[p] for p in ("train", "val", "test")]
+
+
 def make_mini_pickles(root, classes=(4, 2, 2), n=6, size=12):
     root.mkdir(parents=True)
     out = {}
@@ -344,7 +426,7 @@ def test_concurrent_loads_decode_once(tmp_path, monkeypatch):
 
 
 def test_layout_errors(tmp_path):
-    tried = "(?s)mini-ImageNet not found in .*pickle: mini-imagenet-cache-train.pkl.*csv: images/\\*.jpg with train.csv"
+    tried = "(?s)mini-ImageNet not found in .*pickle: mini-imagenet-cache-train.pkl.*csv: train.csv, val.csv, test.csv"
     with pytest.raises(FileNotFoundError, match=tried):
         load_fewshot("miniimagenet", tmp_path, progress=False)
     with pytest.raises(FileNotFoundError, match="no folder"):
@@ -371,7 +453,7 @@ def test_layout_errors(tmp_path):
         load_fewshot("folder", tmp_path / "f", progress=False)
     # an image named in a csv that is not there
     (tmp_path / "mini" / "test.csv").write_text("filename,label\nmissing.jpg,nx\n")
-    with pytest.raises(FileNotFoundError, match="no file .*images/missing.jpg"):
+    with pytest.raises(FileNotFoundError, match="are not under .*mini/images; the first: missing.jpg \\(test.csv\\)"):
         load_fewshot("miniimagenet", tmp_path / "mini", progress=False)
 
 

@@ -8,12 +8,19 @@ distributed in, decoded once to uint8 and cached.
 Layouts read (`root`: the dataset's folder, or the folder that holds it):
 - folder: `train/<class>/*`, `val/<class>/*`, `test/<class>/*` (any image format PIL reads).
 - miniimagenet: `mini-imagenet-cache-{train,validation,test}.pkl` (dicts of `image_data` (N, 84, 84, 3) uint8
-  and `class_dict` {class: [indices]}); or Ravi & Larochelle's `images/*.jpg` with `train.csv`, `val.csv`,
-  `test.csv` (header `filename,label`).
-- cifarfs: `data/<class>/*.png` with `splits/bertinetto/{train,val,test}.txt` (a class name a line).
+  and `class_dict` {class: [indices]}); or Ravi & Larochelle's `train.csv`, `val.csv`, `test.csv` (header
+  `filename,label`) with the images they name found by file name in `images/` (flat or in class folders) or, with
+  no `images/`, in any folders beside the csv files (mirrors that store them in class folders of their own
+  split, e.g. `train/<wnid>/`, `val/<wnid>/`: only the csv files decide the parts). A listed file that is missing,
+  listed twice or found twice is an error naming the first and the count.
+- cifarfs: `data/<class>/*.png` with `splits/bertinetto/{train,val,test}.txt` (a class name a line), or the same
+  files beside or inside `data/`.
 - fc100: CIFAR-100's python pickles (`cifar-100-python/{train,test,meta}`), split by superclass (Oreshkin et al.).
-- cub: `CUB_200_2011/images/<NNN.name>/*.jpg`, Chen et al.'s split of the sorted classes: i % 2 == 0 train,
-  i % 4 == 1 val, i % 4 == 3 test.
+- cub: `CUB_200_2011/images/<NNN.name>/*.jpg` (with or without the archive's metadata files beside it), Chen et
+  al.'s split of the sorted classes: i % 2 == 0 train, i % 4 == 1 val, i % 4 == 3 test.
+
+A copy with other class counts than the split papers report (a partial download) loads with one warning naming
+both.
 
 Resizing (`resize`): "square" resizes every image to image_size x image_size (Lanczos), as Ravi & Larochelle's and
 MAML's mini-ImageNet scripts did (the default of miniimagenet, cifarfs, fc100); "crop" resizes the shorter side to
@@ -36,7 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,12 +272,12 @@ def load_fewshot(
                 data, path = _build(info.title, layout, base, scan, size, resize, workers, progress, path, prefix)
     splits = {p: FewShotSplit(s["images"], s["counts"], list(s["classes"])) for p, s in data["splits"].items()}
     counts = "/".join(str(len(splits[p])) for p in PARTS)
-    if info.classes is not None and counts != "/".join(map(str, info.classes)) and progress and path not in _NOTED:
-        _NOTED.add(path)  # once a process (a run loads each part)
-        print(
-            f"note: {info.title} in {base} has {counts} train/val/test classes, not the standard "
-            f"{'/'.join(map(str, info.classes))}",
-            file=sys.stderr,
+    if info.classes is not None and counts != "/".join(map(str, info.classes)) and str(base) not in _WARNED:
+        _WARNED.add(str(base))  # once a process (a run loads each part)
+        warnings.warn(
+            f"{info.title} in {base} has {counts} train/val/test classes, but the split papers report has "
+            f"{'/'.join(map(str, info.classes))}: a partial copy, whose accuracies are not comparable to theirs",
+            stacklevel=2,
         )
     return FewShotDataset(
         name, data["layout"], str(base), size, resize, splits,
@@ -280,4 +287,4 @@ def load_fewshot(
     )  # fmt: skip
 
 
-_NOTED: set = set()
+_WARNED: set[str] = set()  # the dataset folders already warned of

@@ -88,40 +88,92 @@ def _scan_folder(base: Path) -> _Scan:
     return _Scan(parts, [])
 
 
+def _read_split_csv(path: Path) -> list[tuple[str, str]]:
+    """The (file name, class) rows of one of Ravi & Larochelle's csv files (header filename,label)."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or [h.strip() for h in rows[0]] != ["filename", "label"]:
+        raise ValueError(f"{path}: expected the header 'filename,label', got {','.join(rows[0]) if rows else ''!r}")
+    pairs = [(row[0].strip(), row[1].strip()) for row in rows[1:] if len(row) == 2]
+    if not pairs:
+        raise ValueError(f"{path}: no rows of filename,label")
+    return pairs
+
+
+def _files_by_name(folder: Path, exts: set[str]) -> dict[str, list[str]]:
+    """Every image file under `folder` (any depth, hidden folders skipped), by file name: its paths."""
+    found: dict[str, list[str]] = {}
+    for top, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for n in names:
+            if not n.startswith(".") and os.path.splitext(n)[1].lower() in exts:
+                found.setdefault(n, []).append(os.path.join(top, n))
+    return found
+
+
 def _scan_mini_csv(base: Path) -> _Scan:
-    images = base / "images"
-    if not images.is_dir():
-        raise FileNotFoundError(f"mini-ImageNet csv layout: no images/ folder in {base}")
-    parts, files = {}, []
+    """Ravi & Larochelle's train/val/test.csv over images found by file name: in images/ (flat, or in class
+    folders) or, without images/, anywhere under `base` (mirrors that store the images in class folders of
+    their own split: only the csv files say which class is in which part)."""
+    listed, files = {}, []
     for part in PARTS:
         path = base / f"{part}.csv"
         if not path.is_file():
-            raise FileNotFoundError(f"mini-ImageNet csv layout: no {part}.csv in {base} (next to images/)")
+            raise FileNotFoundError(f"mini-ImageNet csv layout: no {part}.csv in {base}")
         files.append(path)
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-        if not rows or [h.strip() for h in rows[0]] != ["filename", "label"]:
-            raise ValueError(f"{path}: expected the header 'filename,label', got {','.join(rows[0]) if rows else ''!r}")
+        listed[part] = _read_split_csv(path)
+    owner: dict[str, str] = {}  # file name -> the part that lists it first
+    twice = []
+    for part in PARTS:
+        for name, _ in listed[part]:
+            if name in owner:
+                twice.append((name, owner[name], part))
+            owner.setdefault(name, part)
+    if twice:
+        name, first, then = twice[0]
+        where = f"{first}.csv" if first == then else f"{first}.csv and {then}.csv"
+        raise ValueError(
+            f"mini-ImageNet csv layout: {len(twice)} file(s) listed twice in {base}'s csv files (the first: {name}, "
+            f"in {where}); each image belongs to one class of one part"
+        )
+    where = base / "images" if (base / "images").is_dir() else base
+    found = _files_by_name(where, _extensions())
+    missing = [(n, p) for p in PARTS for n, _ in listed[p] if n not in found]
+    if missing:
+        total = sum(len(rows) for rows in listed.values())
+        raise FileNotFoundError(
+            f"mini-ImageNet csv layout: {len(missing)} of the {total} files listed in train/val/test.csv are not "
+            f"under {where}; the first: {missing[0][0]} ({missing[0][1]}.csv)"
+        )
+    ambiguous = [(n, found[n]) for p in PARTS for n, _ in listed[p] if len(found[n]) > 1]
+    if ambiguous:
+        raise ValueError(
+            f"mini-ImageNet csv layout: {len(ambiguous)} listed file name(s) are found at several places under "
+            f"{where}, the first: {ambiguous[0][0]} at {' and '.join(ambiguous[0][1])}"
+        )
+    parts = {}
+    for part in PARTS:
         by_class: dict[str, list[str]] = {}
-        folder = os.path.join(images, "")
-        for row in rows[1:]:
-            if len(row) == 2:
-                by_class.setdefault(row[1].strip(), []).append(folder + row[0].strip())
-        if not by_class:
-            raise ValueError(f"{path}: no rows of filename,label")
+        for name, label in listed[part]:
+            by_class.setdefault(label, []).append(found[name][0])
         parts[part] = sorted(by_class.items())
     return _Scan(parts, files)
 
 
 def _scan_cifarfs(base: Path) -> _Scan:
-    data, splits = base / "data", base / "splits" / "bertinetto"
+    data = base / "data"
     if not data.is_dir():
         raise FileNotFoundError(f"CIFAR-FS layout: no data/ folder in {base}")
     parts, files = {}, []
     for part in PARTS:
-        path = splits / f"{part}.txt"
-        if not path.is_file():
-            raise FileNotFoundError(f"CIFAR-FS layout: no split file {path} (splits/bertinetto/{part}.txt)")
+        # Bertinetto et al.'s splits/bertinetto/, or the same files beside or inside data/ (as mirrors have them)
+        tried = [base / "splits" / "bertinetto" / f"{part}.txt", base / f"{part}.txt", data / f"{part}.txt"]
+        path = next((t for t in tried if t.is_file()), None)
+        if path is None:
+            raise FileNotFoundError(
+                f"CIFAR-FS layout: no split file {tried[0]} (splits/bertinetto/{part}.txt, or {part}.txt beside or "
+                "inside data/)"
+            )
         files.append(path)
         names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
         for n in names:
@@ -244,11 +296,13 @@ _MINI_PICKLE = _Layout(
     lambda b: any(p.is_file() for p in _mini_pickle_files(b)), read=_read_mini_pickles, key_files=_mini_pickle_files,
 )  # fmt: skip
 _MINI_CSV = _Layout(
-    "csv", "images/*.jpg with train.csv, val.csv, test.csv (header filename,label; Ravi & Larochelle)",
-    lambda b: (b / "images").is_dir() and any((b / f"{p}.csv").is_file() for p in PARTS), scan=_scan_mini_csv,
+    "csv", "train.csv, val.csv, test.csv (header filename,label; Ravi & Larochelle) with the images they name in "
+    "images/ (flat or in class folders) or in any folders beside the csv files",
+    lambda b: any((b / f"{p}.csv").is_file() for p in PARTS), scan=_scan_mini_csv,
 )  # fmt: skip
 _CIFARFS = _Layout(
-    "bertinetto", "data/<class>/*.png with splits/bertinetto/train.txt, val.txt, test.txt (a class name a line)",
+    "bertinetto", "data/<class>/*.png with splits/bertinetto/train.txt, val.txt, test.txt (a class name a line; or "
+    "the same files beside or inside data/)",
     lambda b: (b / "data").is_dir() or (b / "splits" / "bertinetto").is_dir(), scan=_scan_cifarfs,
 )  # fmt: skip
 _FC100 = _Layout(
