@@ -697,3 +697,29 @@ def test_bad_recompute_values_are_refused(tmp_path, capsys, value):
     assert not (tmp_path / "run").exists()
     code, _, err = run(["train", "--algo", "protonet", "--dataset", "omniglot", "--recompute", "steps"], capsys)
     assert code == 2 and "recompute" in err
+
+
+@pytest.mark.parametrize("dataset,algo", [("sinusoid", "maml"), ("omniglot", "protonet"), ("omniglot", "metasgd")])
+def test_evaluation_in_chunks_scores_the_same_tasks_the_same(dataset, algo, monkeypatch):
+    """Evaluation adapts a batch's tasks a few at a time where they do not fit at once (EVAL_MEMORY): the same
+    tasks, each with the same score as in one piece, in the memory of a few."""
+    if dataset == "omniglot" and not OMNIGLOT.is_dir():
+        pytest.skip(f"the Omniglot zips are not at {OMNIGLOT}")
+    extra = {"data": str(OMNIGLOT)} if dataset == "omniglot" else {}
+    config = RunConfig.make(dataset, algo=algo, meta_batch=7, hidden=8, **extra)
+    model, aux = training.build_model(config)
+    episodes = training.datasets(config, "val")
+    whole = training.evaluate_model(model, aux, config, episodes, 2, 1, per_task=True)
+    per_task = 2 * (episodes[0].support_x.shape[1] + episodes[0].query_x.shape[1])
+    per_task *= evaluation._activation_bytes(json.dumps(config.model_config(), sort_keys=True),
+                                             tuple(episodes[0].support_x.shape[2:]))  # fmt: skip
+    monkeypatch.setattr(evaluation, "EVAL_MEMORY", 3 * per_task)
+    assert evaluation.tasks_at_once(config, episodes[0], "cpu") == 3
+    chunked = training.evaluate_model(model, aux, config, episodes, 2, 1, per_task=True)
+    assert chunked["tasks"] == whole["tasks"] == 14
+    torch.testing.assert_close(chunked["values"], whole["values"], rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(evaluation, "EVAL_MEMORY", 1)  # less than one task: one at a time, never none
+    assert evaluation.tasks_at_once(config, episodes[0], "cpu") == 1
+    assert episodes[0][2:5].num_tasks == 3
+    with pytest.raises(TypeError, match="index with a slice of tasks"):
+        episodes[0][2]

@@ -121,8 +121,7 @@ def _in_chunks(at: PreparedLoop, batch: TaskBatch, weights: Tensor | None, sweep
     """maml_step `chunk` tasks at a time, each chunk differentiated as soon as its loss is computed (recompute=k;
     with `sweep`, each chunk swept over its steps with its query losses in one piece: recompute=("steps", k))."""
     T = batch.num_tasks
-    fields = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-    chunks = [TaskBatch(*(t[lo : lo + chunk] for t in fields)) for lo in range(0, T, chunk)]
+    chunks = [batch[lo : lo + chunk] for lo in range(0, T, chunk)]
 
     def run(sub: TaskBatch) -> MAMLOutput:
         return _swept(at, sub, weights, whole_query=True) if sweep else _plain(at, sub, weights)

@@ -68,6 +68,12 @@ class TaskBatch:
     def device(self) -> torch.device:
         return self.support_x.device
 
+    def __getitem__(self, tasks: slice) -> TaskBatch:
+        """The tasks `tasks` (a slice) of the batch, as views: batch[lo:hi] has hi - lo tasks."""
+        if not isinstance(tasks, slice):
+            raise TypeError(f"TaskBatch: index with a slice of tasks (batch[lo:hi]), got {type(tasks).__name__}")
+        return TaskBatch(*(t[tasks] for t in self._tensors))
+
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None, non_blocking: bool = False
     ) -> TaskBatch:
