@@ -1,6 +1,6 @@
 """Meta-training throughput of 1 process against torchrun with 2 processes (gloo), in tasks per second.
 
-python benchmarks/distributed_throughput.py [--data ../shared/data/omniglot] [--iterations 40]
+python benchmarks/distributed_throughput.py [--data ../shared/data/omniglot] [--iterations 40] [--meta-batch T]
 
 Each configuration is a real `python -m fastmeta train` run (the same command users type) timed by the run's
 own clock, which excludes start-up; one validation at the end is included. Prints a markdown table."""
@@ -38,12 +38,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="Omniglot folder or zips (adds the Omniglot workload)")
     p.add_argument("--iterations", type=int, default=40)
+    p.add_argument(
+        "--meta-batch", type=int, help="tasks per meta-step of every workload (default: sinusoid 25, Omniglot 32)"
+    )
     a = p.parse_args()
     n = a.iterations
-    workloads = [("sinusoid MAML, 25 tasks/step", 25, ["--iterations", str(n * 10), "--val-every", str(n * 10)])]
+    tasks = a.meta_batch or 25
+    sinusoid = ["--iterations", str(n * 10), "--val-every", str(n * 10), "--meta-batch", str(tasks)]
+    workloads = [(f"sinusoid MAML, {tasks} tasks/step", tasks, sinusoid)]
     if a.data:
+        tasks = a.meta_batch or 32
         omniglot = ["--dataset", "omniglot", "--data", a.data, "--iterations", str(n), "--val-every", str(n)]
-        workloads.append(("Omniglot 5-way 1-shot MAML, 32 tasks/step", 32, omniglot + ["--val-episodes", "1"]))
+        omniglot += ["--meta-batch", str(tasks), "--val-episodes", "1"]
+        workloads.append((f"Omniglot 5-way 1-shot MAML, {tasks} tasks/step", tasks, omniglot))
     cores = os.cpu_count()
     head = f"1 process, {cores} threads | 1 process, 1 thread | 2 processes, 1 thread each | 2 proc / 1 proc"
     print(f"| workload | {head} |")

@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=600)
     p.add_argument("--workers", default="1,2", help="comma-separated thread counts to decode with")
     p.add_argument("--source-size", default="84x84", help="WxH of the JPEG files (they are decoded to 84x84)")
+    p.add_argument("--batches", type=int, default=100, help="episode batches timed after each cache load")
     args = p.parse_args()
     source = tuple(int(v) for v in args.source_size.split("x"))
 
@@ -117,10 +118,10 @@ def main() -> None:
         loaded = time.perf_counter() - tic
         episodes = ds.episodes("train", 5, 1, 15, tasks=4)
         tic = time.perf_counter()
-        for i in range(100):
+        for i in range(args.batches):
             episodes[i]
         print(
-            f"second load (the cache, memory-mapped): {loaded:.2f} s; then 100 batches of 4 5-way 1-shot "
+            f"second load (the cache, memory-mapped): {loaded:.2f} s; then {args.batches} batches of 4 5-way 1-shot "
             f"15-query episodes: {time.perf_counter() - tic:.2f} s",
             flush=True,
         )

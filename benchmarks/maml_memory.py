@@ -1,7 +1,7 @@
 """Peak memory and time of one second-order MAML meta-step (forward + backward) against the number of inner steps.
 
     python benchmarks/maml_memory.py                      # Conv4 and ResNet-12 rows at S = 1, 5, 10
-    python benchmarks/maml_memory.py --small              # the same rows at toy sizes (seconds)
+    python benchmarks/maml_memory.py --small              # the same rows at toy sizes
     python benchmarks/maml_memory.py --models conv4 --steps 1 10 --methods plain steps
 
 Methods: `plain` maml_step; `steps` maml_step(recompute="steps"); `chunks` maml_step(recompute=k) (k tasks at a
@@ -9,7 +9,8 @@ time); `steps+chunks` maml_step(recompute=("steps", k)); `loop` the usual per-ta
 autograd.grad(create_graph=True), subtraction; the mean of the tasks' query losses differentiated once).
 
 Each row runs in a fresh process (this script, called with --row), so that one row's allocations do not hide the
-next one's peak. The process first runs a small warm-up step (a 1-task, 1-step version of the same method, which
+next one's peak (--one-process, for a quick check of the script: all rows in one such process, one after
+another). The process first runs a small warm-up step (a 1-task, 1-step version of the same method, which
 loads the code and libraries used on first call), then measures the resident set (VmRSS) just before the step and
 its high-water mark (VmHWM, reset first through /proc/self/clear_refs) just after: the peak is the difference.
 glibc is told to return every allocation above 128 KiB to the system when freed (a fixed mmap threshold), so the
@@ -47,8 +48,8 @@ FULL = {
     "resnet12": (lambda: ResNet12(5, 3, widths=(64, 160, 320, 640), image_size=32), 3, 32, 4, 1, 0.1),
 }
 SMALL = {
-    "conv4": (lambda: Conv4(5, 1, hidden=16, image_size=28), 1, 28, 4, 2, 0.4),
-    "resnet12": (lambda: ResNet12(5, 3, widths=(8, 16, 32, 64), image_size=32), 3, 32, 2, 1, 0.1),
+    "conv4": (lambda: Conv4(5, 1, hidden=8, image_size=16), 1, 16, 4, 2, 0.4),
+    "resnet12": (lambda: ResNet12(5, 3, widths=(4, 8, 8, 8), image_size=16), 3, 16, 2, 1, 0.1),
 }
 N_WAY, K_SHOT, QUERIES = 5, 1, 15
 
@@ -110,16 +111,19 @@ def measure_row(name: str, method: str, steps: int, small: bool, repeats: int) -
     }
 
 
-def run_row(name: str, method: str, steps: int, small: bool, repeats: int, threads: int | None) -> dict:
-    """measure_row in a fresh process of this script."""
+def run_rows(rows: list[tuple[str, str, int]], small: bool, repeats: int, threads: int | None) -> list[dict]:
+    """measure_row of each (model, method, S) of `rows`, one after another in one fresh process of this script."""
     env = {**os.environ, **RETURN_FREED_MEMORY}
-    args = [sys.executable, os.path.abspath(__file__), "--row", name, method, str(steps), "--repeats", str(repeats)]
+    args = [sys.executable, os.path.abspath(__file__), "--repeats", str(repeats)]
+    for name, method, steps in rows:
+        args += ["--row", name, method, str(steps)]
     args += ["--small"] if small else []
     args += ["--threads", str(threads)] if threads else []
     out = subprocess.run(args, capture_output=True, text=True, env=env)
     if out.returncode != 0:
-        raise RuntimeError(f"row {name} {method} S={steps} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        what = ", ".join(f"{name} {method} S={steps}" for name, method, steps in rows)
+        raise RuntimeError(f"row(s) {what} failed:\n{out.stderr[-3000:]}")
+    return [json.loads(line) for line in out.stdout.strip().splitlines()[-len(rows) :]]
 
 
 def table(rows: list[dict]) -> str:
@@ -153,22 +157,30 @@ def main() -> None:
     # One thread by default: on a CPU shared with other work, OpenMP's spinning threads slow a step 20-50x.
     p.add_argument("--threads", type=int, default=1, help="torch threads per row (0: torch's default)")
     p.add_argument("--json", help="also write the rows to this file")
-    p.add_argument("--row", nargs=3, metavar=("MODEL", "METHOD", "S"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--one-process",
+        action="store_true",
+        help="all rows in one fresh process, one after another (a quick check: a row's peak may then be hidden "
+        "by what earlier rows left)",
+    )
+    p.add_argument("--row", nargs=3, action="append", metavar=("MODEL", "METHOD", "S"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.row:
-        print(json.dumps(measure_row(a.row[0], a.row[1], int(a.row[2]), a.small, a.repeats)))
+        for name, method, s in a.row:
+            print(json.dumps(measure_row(name, method, int(s), a.small, a.repeats)), flush=True)
         return
+    wanted = [(name, method, s) for name in a.models for s in a.steps for method in a.methods]
     rows = []
-    for name in a.models:
-        for s in a.steps:
-            for method in a.methods:
-                rows.append(run_row(name, method, s, a.small, a.repeats, a.threads))
-                r = rows[-1]
-                print(
-                    f"{name} S={s} {method}: {r['seconds']:.2f} s, {r['peak_mb']:.0f} MB", file=sys.stderr, flush=True
-                )
+    for group in [wanted] if a.one_process else [[row] for row in wanted]:
+        rows += run_rows(group, a.small, a.repeats, a.threads)
+        for r in rows[-len(group) :]:
+            print(
+                f"{r['model']} S={r['steps']} {r['method']}: {r['seconds']:.2f} s, {r['peak_mb']:.0f} MB",
+                file=sys.stderr,
+                flush=True,
+            )
     print(table(rows))
     if a.json:
         with open(a.json, "w") as f:

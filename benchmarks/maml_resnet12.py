@@ -23,7 +23,8 @@ A peer that is not installed is skipped with the reason. Seconds: median over in
 (glibc keeps freed memory, see fastmeta._bench.kernels.keep_freed_memory). Peak memory: in a fresh process per row (this
 script with --row): after a small warm-up step, the high-water mark of the resident set over the resident set
 just before the step (glibc told to return freed blocks above 128 KiB, so the resident set follows what is
-alive). The loss column shows that every method computes the same meta-loss.
+alive); --one-process, for a quick check of the script: all rows' peaks in one such process, one after
+another. The loss column shows that every method computes the same meta-loss.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from torch.func import functional_call, grad, vmap
 import fastmeta
 from fastmeta._bench import kernels as bench
 from fastmeta._bench import not_importable
-from fastmeta._bench.memory import device_peak, probe
+from fastmeta._bench.memory import device_peak, probe_lines
 from fastmeta.models import ResNet12
 
 METHODS = ("fastmeta", "fastmeta-chunks", "loop", "vmap", "learn2learn", "higher", "torchopt", "query-floor")
@@ -214,14 +215,30 @@ def measure_memory(method: str, c: Config, steps: int) -> int:
 
 def peak_memory(method: str, c: Config, steps: int, threads: int | None) -> int:
     """measure_memory in a fresh process of this script."""
-    argv = [os.path.abspath(__file__), "--row", method, str(steps), "--config", json.dumps(asdict(c))]
-    return probe(argv + (["--threads", str(threads)] if threads else []), f"{method} S={steps}")
+    return peak_memories([(method, steps)], c, threads)[0]
+
+
+def peak_memories(rows: list[tuple[str, int]], c: Config, threads: int | None) -> list[int]:
+    """measure_memory of each (method, S) of `rows`, one after another in one fresh process of this script."""
+    argv = [os.path.abspath(__file__), "--config", json.dumps(asdict(c))]
+    for method, steps in rows:
+        argv += ["--row", method, str(steps)]
+    what = ", ".join(f"{method} S={steps}" for method, steps in rows)
+    return probe_lines(argv + (["--threads", str(threads)] if threads else []), what, len(rows))
 
 
 def run(
-    c: Config, steps: list[int], methods: list[str], memory: bool, min_time: float, rounds: int, threads: int | None
+    c: Config,
+    steps: list[int],
+    methods: list[str],
+    memory: bool,
+    min_time: float,
+    rounds: int,
+    threads: int | None,
+    one_process: bool = False,
 ) -> list[dict]:
-    """Rows of (S, method, seconds, peak bytes, loss); the methods of one S are timed in interleaved rounds."""
+    """Rows of (S, method, seconds, peak bytes, loss); the methods of one S are timed in interleaved rounds. The
+    peaks: a fresh process a row, or (one_process) all in one."""
     rows = []
     for s in steps:
         ready = [m for m in methods if missing(m) is None]
@@ -233,10 +250,13 @@ def run(
         medians = bench.interleaved_medians(calls, c.device, min_time, rounds, max_reps=20, min_reps=1, warmup=0)
         for m in ready:
             row = {"steps": s, "method": m, "seconds": medians[m], "loss": loss[m]}
-            if memory:
+            if memory and not one_process:
                 row["peak_bytes"] = peak_memory(m, c, s, threads)
             rows.append(row)
             print(f"S={s} {m}: {medians[m]:.3f} s", file=sys.stderr, flush=True)
+    if memory and one_process:
+        for row, peak in zip(rows, peak_memories([(r["method"], r["steps"]) for r in rows], c, threads)):
+            row["peak_bytes"] = peak
     return rows
 
 
@@ -273,23 +293,30 @@ def main() -> None:
     p.add_argument("--steps", nargs="+", type=int, default=[1, 5], help="S, inner steps (one table block each)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--no-memory", action="store_true", help="times only (no subprocess per row)")
+    p.add_argument(
+        "--one-process",
+        action="store_true",
+        help="all rows' peak memory in one fresh process, one after another (a quick check: a row's peak may then "
+        "be hidden by what earlier rows left)",
+    )
     p.add_argument("--min-time", type=float, default=2.0, help="seconds per method and round, at least one step")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (peak memory: CUDA's allocated bytes)")
     p.add_argument("--json", help="also write the rows to this file")
-    p.add_argument("--row", nargs=2, metavar=("METHOD", "S"), help=argparse.SUPPRESS)
+    p.add_argument("--row", nargs=2, action="append", metavar=("METHOD", "S"), help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.row:
         c = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(a.config).items()})
-        print(measure_memory(a.row[0], c, int(a.row[1])))
+        for method, s in a.row:
+            print(measure_memory(method, c, int(s)), flush=True)
         return
     bench.keep_freed_memory()
     c = Config(tuple(a.widths), a.image_size, a.tasks, device=a.device)
-    rows = run(c, a.steps, a.methods, not a.no_memory, a.min_time, a.rounds, a.threads)
+    rows = run(c, a.steps, a.methods, not a.no_memory, a.min_time, a.rounds, a.threads, a.one_process)
     print(table(c, rows))
     if a.json:
         with open(a.json, "w") as f:

@@ -5,6 +5,9 @@ import pytest
 import torch
 
 from fastmeta._bench import maml as bench_maml
+from fastmeta._bench import small
+
+TASKS = 2 if small() else None  # FASTMETA_BENCH_SMALL=1: 2 tasks a step instead of the workload's T
 
 
 @pytest.mark.parametrize("method", bench_maml.METHODS + ("fastmeta recompute",))
@@ -12,7 +15,7 @@ from fastmeta._bench import maml as bench_maml
 def test_maml_step(benchmark, device, workload, method):
     if method not in bench_maml.methods_for(workload):
         pytest.skip(f"{method} is timed on the second-order S=5 workloads only")
-    fn = bench_maml.step(method, workload, device)
+    fn = bench_maml.step(method, workload, device, tasks=TASKS)
     if device.startswith("cuda"):
         inner = fn
 

@@ -7,11 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from fastmeta import reference
+from fastmeta._bench import small
 from fastmeta.algorithms import matching_step, protonet_step, siamese_step
 from fastmeta.data import EpisodeSampler
 from fastmeta.models import Conv4
 
 T, N_WAY, K_SHOT, N_QUERY = 16, 5, 1, 5  # Omniglot 5-way 1-shot, 16 episodes a step
+if small():  # FASTMETA_BENCH_SMALL=1: 2 episodes a step
+    T = 2
 
 
 def loop_step(algo, model, batch):

@@ -119,6 +119,8 @@ SIN = [
     "--inner-steps",
     "2",
     "--json",  # the final validation as a JSON line, which the test reads
+    "--test-episodes",
+    "0",  # no test of best.pt after the run (the runs are compared by their weights)
 ]
 
 

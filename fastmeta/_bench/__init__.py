@@ -10,3 +10,12 @@ def not_importable(module: str) -> str | None:
     except Exception as e:  # noqa: BLE001  (an old peer may fail to import for reasons other than absence)
         return f"{module} not importable: {type(e).__name__}: {e}"
     return None
+
+
+def small() -> bool:
+    """FASTMETA_BENCH_SMALL=1: the pytest-benchmark suites (benchmarks/test_bench_*.py) run every method on toy
+    sizes, for checking that they run (`pytest benchmarks --benchmark-disable`, tests/test_readme.py), not for
+    timing."""
+    import os
+
+    return os.environ.get("FASTMETA_BENCH_SMALL") == "1"

@@ -64,6 +64,13 @@ def device_peak(step: Step, device: str) -> int:
 def probe(argv: list[str], what: str, env: dict[str, str] | None = None, cwd: str | None = None) -> int:
     """Runs `python ARGV` in a fresh process (glibc returning freed memory, RETURN_FREED_MEMORY) and returns the
     integer on the last line of its output: a probe that prints one peak. Raises with its stderr if it fails."""
+    return probe_lines(argv, what, 1, env, cwd)[0]
+
+
+def probe_lines(
+    argv: list[str], what: str, n: int, env: dict[str, str] | None = None, cwd: str | None = None
+) -> list[int]:
+    """probe of a process that prints n peaks, one a line: the integers on the last n lines of its output."""
     out = subprocess.run(
         [sys.executable, *argv],
         capture_output=True,
@@ -73,7 +80,7 @@ def probe(argv: list[str], what: str, env: dict[str, str] | None = None, cwd: st
     )
     if out.returncode != 0:
         raise RuntimeError(f"memory probe {what} failed:\n{out.stderr[-3000:]}")
-    return int(out.stdout.strip().splitlines()[-1])
+    return [int(line) for line in out.stdout.strip().splitlines()[-n:]]
 
 
 def _status(key: str) -> int:
