@@ -84,6 +84,7 @@ def _oracle(tasks: int) -> dict:
 
 @needs_gloo
 @pytest.mark.parametrize("host_group", ["default", "separate"])
+@pytest.mark.slow  # several processes: the slow tier
 def test_two_processes_give_the_single_process_meta_gradient(tmp_path, host_group):
     """2 gloo processes, 5 tasks split 2 + 3: MAML, FOMAML, Meta-SGD, Reptile, prototypical, Siamese, matching
     (with full-context embeddings), SNAIL and Meta-LSTM meta-gradients (and DDP around a meta-step module) equal
@@ -129,6 +130,7 @@ def _params(path: Path) -> dict:
 
 
 @needs_gloo
+@pytest.mark.slow  # several processes: the slow tier
 @pytest.mark.parametrize("algo", ["maml", "reptile"])
 def test_torchrun_train_equals_one_process(tmp_path, capsys, algo):
     """`torchrun --nproc-per-node 2 -m fastmeta train` trains the same model as one process; only rank 0
@@ -171,6 +173,7 @@ with open(os.path.join(sys.argv[1], "threads_" + os.environ["RANK"]), "w") as f:
 
 @needs_gloo
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc to list threads")
+@pytest.mark.slow  # several processes: the slow tier
 def test_close_frees_the_process_group(tmp_path):
     """After `close`, no gloo thread is left, even when torch._dynamo was imported after the group was made
     (torch.distributed.nn would otherwise keep the group alive, and its threads abort at exit now and then)."""
@@ -183,6 +186,7 @@ def test_close_frees_the_process_group(tmp_path):
 
 
 @needs_gloo
+@pytest.mark.slow  # several processes: the slow tier
 def test_meta_batch_smaller_than_the_world_is_refused(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "fastmeta"]
