@@ -292,6 +292,26 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from fastmeta.train.plot import plot_runs
+
+    try:
+        rows = plot_runs(args.runs, args.out, args.x)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    width = max(len(r["label"]) for r in rows)
+    print(f"{'run':<{width}}  best validation         reached at               last")
+    for r in rows:
+        best = f"{100 * r['best_val']:.2f}%" if r["metric"] == "accuracy" else f"{r['best_val']:.4g}"
+        print(
+            f"{r['label']:<{width}}  {best:<22}  {r['best_minutes']:7.1f} min, it {r['best_iteration']:<7}  "
+            f"{r['minutes']:7.1f} min, it {r['iterations']}"
+        )
+    print(f"plot: {args.out}")
+    return 0
+
+
 def _learners_help() -> str:
     from fastmeta.algorithms import LEARNERS
 
@@ -424,5 +444,16 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available)")
     e.add_argument("--json", default=None, help="also write the result to this JSON file")
     e.set_defaults(func=_eval)
+
+    p = sub.add_parser(
+        "plot",
+        help="draw runs' validation accuracy against wall-clock on one plot",
+        description="Draw the validation score of one or more runs (their folders' history.jsonl) against "
+        "wall-clock minutes or meta-iterations on one plot, and print each run's best and when it got there.",
+    )
+    p.add_argument("runs", nargs="+", help="run folders written by train (--out)")
+    p.add_argument("--out", default="curves.png", help="the PNG to write (default curves.png)")
+    p.add_argument("--x", choices=["seconds", "iteration"], default="seconds", help="x axis (default: wall-clock)")
+    p.set_defaults(func=_plot)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 OMNIGLOT = Path(os.environ.get("FASTMETA_OMNIGLOT", ROOT.parent / "shared/data/omniglot"))
 PROGRAMS = ("fastmeta ", "python -m fastmeta", "torchrun ", "pytest ", "python benchmarks/", "bash benchmarks/", "pip ")
-SUBCOMMANDS = ("train", "eval", "bench")
+SUBCOMMANDS = ("train", "eval", "bench", "plot")
 
 # Appended to a command to make it take seconds; later options override the README's (argparse: last one wins).
 SCALED_TRAIN = [
@@ -128,6 +128,16 @@ def _eval(argv: list[str]) -> Run | str:
     return Run([sys.executable, "-m", "fastmeta", *args, *SCALED_EVAL], needs_omniglot=omniglot)
 
 
+def _plot(argv: list[str]) -> Run | str:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "needs matplotlib"
+    # RUN...: the run that the README's first command (python -m fastmeta train) wrote in the same folder
+    args = ["runs/maml-sinusoid" if a.startswith("RUN") else a for a in _fastmeta(argv)]
+    return Run([sys.executable, "-m", "fastmeta", *args])
+
+
 def _bench(argv: list[str]) -> Run | str:
     args = _fastmeta(argv)
     if "cuda" in args and not torch.cuda.is_available():
@@ -195,6 +205,7 @@ RULES: list[tuple[str, Rule]] = [
     (r"(fastmeta|python -m fastmeta) train\b", _train),
     (r"(fastmeta|python -m fastmeta) eval\b", _eval),
     (r"(fastmeta|python -m fastmeta) bench\b", _bench),
+    (r"(fastmeta|python -m fastmeta) plot\b", _plot),
     (r"torchrun .* -m fastmeta train\b", _torchrun),
     (r"(python|bash) benchmarks/", _script),
     (r"(FASTMETA_\w+=\S+ )?pytest\b", _pytest),

@@ -89,6 +89,75 @@ def test_resume_continues_the_same_run(tmp_path, capsys):
     assert a["iteration"] == b["iteration"] == 40
     for k in b["model"]:  # interrupted and resumed = uninterrupted
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)
+    # the wall-clock goes on from the checkpoint's: a resumed run's history is one run's
+    seconds = [h["seconds"] for h in a["history"]]
+    assert [h["iteration"] for h in a["history"]] == [1, 20, 40]
+    assert 0 < seconds[0] < seconds[1] < seconds[2]
+    assert all(0 <= h["episode_wait"] <= h["seconds"] for h in a["history"])
+
+
+class _Episodes:
+    """Episode i is a function of i (as a run's are); episode 5 fails; records what was built."""
+
+    def __init__(self) -> None:
+        self.built = []
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        self.built.append(i)
+        if i == 5:
+            raise ValueError("episode 5 is bad")
+        return torch.full((3,), float(i))
+
+
+def test_prefetcher_gives_the_episodes_indexing_gives_one_ahead():
+    episodes = _Episodes()
+    with loop.Prefetcher(episodes, 2, 5) as p:
+        assert torch.equal(p.get(2), torch.full((3,), 2.0))
+        assert p.next is not None and p.next[0] == 3  # built while the caller works on 2
+        assert torch.equal(p.get(3), torch.full((3,), 3.0))
+        assert torch.equal(p.get(4), torch.full((3,), 4.0))
+        assert p.next is None  # nothing past stop is built
+    assert episodes.built == [2, 3, 4] and p.waited >= 0
+    with loop.Prefetcher(episodes, 0, 10) as p:
+        assert torch.equal(p.get(3), torch.full((3,), 3.0))  # a skip builds the asked one
+        assert torch.equal(p.get(4), torch.full((3,), 4.0))  # episode 5 fails on the thread meanwhile
+        with pytest.raises(ValueError, match="episode 5 is bad"):
+            p.get(5)  # an episode's error is raised where it is asked for
+    with loop.Prefetcher(episodes, 7, 7) as p:  # an empty range builds nothing
+        assert p.next is None
+
+
+def test_prefetched_run_episodes_equal_the_episode_set():
+    config = RunConfig.make("sinusoid", meta_batch=3)
+    train_set = training.datasets(config, "train")
+    with loop.Prefetcher(training.datasets(config, "train"), 4, 8) as p:
+        for i in range(4, 8):
+            a, b = p.get(i), train_set[i]
+            for name in ("support_x", "support_y", "query_x", "query_y"):
+                assert torch.equal(getattr(a, name), getattr(b, name))
+
+
+def test_plot_draws_runs_against_wall_clock(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    tiny = ["--iterations", "4", "--val-every", "2", "--val-episodes", "1", "--test-episodes", "0"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", "--out", str(a)] + tiny) == 0
+    assert main(["train", "--out", str(b), "--algo", "reptile"] + tiny) == 0
+    capsys.readouterr()
+    png = tmp_path / "curves.png"
+    code, stdout, err = run(["plot", str(a), str(b), "--out", str(png)], capsys)
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = stdout.splitlines()
+    assert lines[1].startswith("a: maml 10-shot") and lines[2].startswith("b: reptile 10-shot")
+    assert "it 4" in lines[1] and lines[-1] == f"plot: {png}"
+    rows = training.plot_runs([a], tmp_path / "i.png", x="iteration")
+    history = [json.loads(line) for line in (a / "history.jsonl").read_text().splitlines()]
+    assert rows[0]["best_val"] == min(h["val"] for h in history) and rows[0]["metric"] == "mse"  # lower is better
+    code, _, err = run(["plot", str(a), str(tmp_path / "nothere")], capsys)
+    assert code == 2 and "nothere is not a run folder of fastmeta train: no" in err
+    with pytest.raises(ValueError, match="x: 'seconds' or 'iteration'"):
+        training.plot_runs([a], png, x="minutes")
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
@@ -179,7 +248,7 @@ def test_train_errors(tmp_path, capsys):
     code, _, err = run(["train", "--dataset", "omniglot", "--algo", "snail", "--zero-head"], capsys)
     assert (
         code == 2
-        and "--zero-head is not an option of snail (it is for maml, fomaml, metasgd, reptile, metalstm)" in err
+        and "--zero-head is not an option of snail (it is for maml, fomaml, metasgd, anil, reptile, metalstm)" in err
     )
     code, _, err = run(["train", "--dataset", "omniglot", "--layers", "3", "--out", str(tmp_path / "k")], capsys)
     assert code == 2 and "layers is a setting of sinusoid runs, not of omniglot ones" in err
@@ -723,3 +792,21 @@ def test_evaluation_in_chunks_scores_the_same_tasks_the_same(dataset, algo, monk
     assert episodes[0][2:5].num_tasks == 3
     with pytest.raises(TypeError, match="index with a slice of tasks"):
         episodes[0][2]
+
+
+def test_anil_adapts_the_head_only():
+    """--algo anil is maml_step and adapt with adapt_params=["head"]: the body's weights are every task's."""
+    from fastmeta import adapt, maml_step
+
+    config = RunConfig.make("sinusoid", algo="anil", inner_steps=2)
+    model, aux = training.build_model(config)
+    batch = training.datasets(config)[0]
+    learner = LEARNERS["anil"]
+    out = learner.objective(config, model, aux, batch)
+    head = maml_step(model, batch, config.inner_lr, 2, False, config.loss_fn, adapt_params=["head"])
+    every = maml_step(model, batch, config.inner_lr, 2, False, config.loss_fn)
+    torch.testing.assert_close(out.loss, head.loss)
+    assert not torch.allclose(out.loss, every.loss)
+    predicted = learner.predict(config, model, aux, batch, 3)
+    adapted = adapt(model, batch.support_x, batch.support_y, config.inner_lr, 3, config.loss_fn, adapt_params=["head"])
+    torch.testing.assert_close(predicted, adapted(batch.query_x).detach())

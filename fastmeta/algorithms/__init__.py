@@ -3,7 +3,7 @@
 from fastmeta.algorithms.common import ClassificationOutput, Learner, Option, ProtoOutput
 from fastmeta.algorithms.inner import LSLR, InnerLR, MAMLOutput, MetaSGDLR, task_losses
 from fastmeta.algorithms.maml import AdaptedModel, adapt, maml_step, msl_weights
-from fastmeta.algorithms.maml_learners import FOMAML, MAML, METASGD, PRETRAIN
+from fastmeta.algorithms.maml_learners import ANIL, FOMAML, MAML, METASGD, PRETRAIN
 from fastmeta.algorithms.matching import MATCHING, FullContextEmbedding, matching_log_probs, matching_step
 from fastmeta.algorithms.meta_lstm import META_LSTM, MetaLSTM, meta_lstm_step
 from fastmeta.algorithms.protonet import PROTONET, protonet_logits, protonet_step
@@ -15,7 +15,10 @@ from fastmeta.algorithms.snail import SNAIL, SNAIL_LEARNER, snail_step
 # learner: declare a Learner in its module (see README, "Adding a learner") and add it here.
 LEARNERS: dict[str, Learner] = {
     learner.name: learner
-    for learner in (MAML, FOMAML, METASGD, REPTILE, PRETRAIN, META_LSTM, SNAIL_LEARNER, PROTONET, MATCHING, SIAMESE)
+    for learner in (
+        *(MAML, FOMAML, METASGD, ANIL, REPTILE, PRETRAIN, META_LSTM, SNAIL_LEARNER),
+        *(PROTONET, MATCHING, SIAMESE),
+    )
 }
 
 __all__ = [

@@ -24,8 +24,8 @@ from fastmeta.algorithms.maml import adapt, maml_step
 from fastmeta.data import TaskBatch
 
 __all__ = [
-    "MAML", "FOMAML", "METASGD", "PRETRAIN", "GRADIENT_OPTIONS", "RECOMPUTE", "recompute_of", "predict_by_adapting",
-    "build_with_head",
+    "MAML", "FOMAML", "METASGD", "ANIL", "PRETRAIN", "GRADIENT_OPTIONS", "RECOMPUTE", "recompute_of",
+    "predict_by_adapting", "build_with_head",
 ]  # fmt: skip
 
 # What a learner that adapts a network with a head by gradient steps reads.
@@ -67,12 +67,25 @@ def _inner_lr(config: Settings, aux: nn.Module | None) -> float | nn.Module:
 
 
 def predict_by_adapting(
-    config: Settings, model: nn.Module, aux: nn.Module | None, batch: TaskBatch, inner_steps: int
+    config: Settings,
+    model: nn.Module,
+    aux: nn.Module | None,
+    batch: TaskBatch,
+    inner_steps: int,
+    adapt_params: list[str] | None = None,
 ) -> Tensor:
-    """Query predictions after `inner_steps` gradient steps on each task's support set."""
-    adapted = adapt(model, batch.support_x, batch.support_y, _inner_lr(config, aux), inner_steps, config.loss_fn)
+    """Query predictions after `inner_steps` gradient steps on each task's support set (of the parameters
+    `adapt_params` names; None: all)."""
+    lr = _inner_lr(config, aux)
+    adapted = adapt(model, batch.support_x, batch.support_y, lr, inner_steps, config.loss_fn, adapt_params=adapt_params)
     with torch.no_grad():
         return adapted(batch.query_x)
+
+
+def _predict_head_only(
+    config: Settings, model: nn.Module, aux: nn.Module | None, batch: TaskBatch, inner_steps: int
+) -> Tensor:
+    return predict_by_adapting(config, model, aux, batch, inner_steps, adapt_params=["head"])
 
 
 def build_with_head(config: Settings, backbone: nn.Module) -> tuple[nn.Module, nn.Module | None]:
@@ -82,10 +95,13 @@ def build_with_head(config: Settings, backbone: nn.Module) -> tuple[nn.Module, n
     return backbone, None
 
 
-def _maml(first_order: bool):  # noqa: ANN202
+def _maml(first_order: bool, adapt_params: list[str] | None = None):  # noqa: ANN202
     def objective(config: Settings, model: nn.Module, aux: nn.Module | None, batch: TaskBatch) -> MAMLOutput:
         lr, recompute = _inner_lr(config, aux), recompute_of(config.recompute)
-        return maml_step(model, batch, lr, config.inner_steps, first_order, config.loss_fn, recompute=recompute)
+        return maml_step(
+            model, batch, lr, config.inner_steps, first_order, config.loss_fn, adapt_params=adapt_params,
+            recompute=recompute,
+        )  # fmt: skip
 
     return objective
 
@@ -109,16 +125,18 @@ def _gradient_learner(
     first_order: bool = False,
     build=build_with_head,
     rate: Option = INNER_LR,  # noqa: ANN001
+    head_only: bool = False,
 ) -> Learner:
     """A learner of the MAML family: maml_step in training, adaptation at test, the zeroing trick's hook.
-    rate: the option that sets its inner rate (a fixed step size, or the initial value of learned ones)."""
+    rate: the option that sets its inner rate (a fixed step size, or the initial value of learned ones).
+    head_only: only the head adapts in the inner loop (ANIL); the body is shared by the tasks."""
     options = tuple(rate if o is INNER_LR else o for o in GRADIENT_OPTIONS)
     return Learner(
         name=name,
         summary=summary,
         options=(*options, RECOMPUTE),
-        objective=_maml(first_order=first_order),
-        predict=predict_by_adapting,
+        objective=_maml(first_order=first_order, adapt_params=["head"] if head_only else None),
+        predict=_predict_head_only if head_only else predict_by_adapting,
         build=build,
         after_step=zero_head_after_step,
         renamed={} if rate is INNER_LR else {"inner_lr": rate.name},
@@ -132,6 +150,12 @@ METASGD = _gradient_learner(
     "Meta-SGD (Li et al. 2017): learned per-element inner rates, starting at --init-lr",
     build=_build_metasgd,
     rate=INIT_LR,
+)
+ANIL = _gradient_learner(
+    "anil",
+    "ANIL (Raghu et al. 2020): MAML, second order, with only the head adapted in the inner loop (the body's "
+    "features are computed once per task)",
+    head_only=True,
 )
 PRETRAIN = Learner(
     name="pretrain",

@@ -6,7 +6,8 @@
 - loop.py        train(): the loop, validation, atomic checkpoints that resume, time limits, divergence
 - checkpoint.py  writing and reading checkpoints, loading them into a model and optimiser
 - evaluation.py  evaluate_model(), evaluate() of a checkpoint, summarize_run() beside a baseline
-- plot.py        learning curves
+- plot.py        learning curves; several runs against wall-clock (python -m fastmeta plot)
+- prefetch.py    the next episode built on a background thread while the step runs
 """
 
 from fastmeta.algorithms.common import zero_head
@@ -17,11 +18,11 @@ from fastmeta.train.checkpoint import load_checkpoint, load_states, save_checkpo
 from fastmeta.train.config import SCHEDULES, RunConfig, unread_option
 from fastmeta.train.evaluation import evaluate, evaluate_model, summarize_run
 from fastmeta.train.loop import Diverged, train
-from fastmeta.train.plot import plot_history
+from fastmeta.train.plot import plot_history, plot_runs
 from fastmeta.train.step import StepNumbers, train_step
 
 __all__ = [
     "RunConfig", "train", "evaluate", "evaluate_model", "summarize_run", "save_checkpoint", "load_checkpoint",
-    "load_states", "plot_history", "zero_head", "DATASETS", "BACKBONES", "SCHEDULES", "build_model", "datasets",
-    "to_device", "train_step", "StepNumbers", "Diverged", "unread_option",
+    "load_states", "plot_history", "plot_runs", "zero_head", "DATASETS", "BACKBONES", "SCHEDULES", "build_model",
+    "datasets", "to_device", "train_step", "StepNumbers", "Diverged", "unread_option",
 ]  # fmt: skip

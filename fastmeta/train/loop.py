@@ -22,6 +22,7 @@ from fastmeta.train.checkpoint import load_checkpoint, load_states, save_checkpo
 from fastmeta.train.config import RunConfig
 from fastmeta.train.evaluation import evaluate_model
 from fastmeta.train.plot import matplotlib_pyplot, plot_history
+from fastmeta.train.prefetch import Prefetcher
 from fastmeta.train.step import StepNumbers, train_step
 
 __all__ = ["train", "Diverged"]
@@ -185,52 +186,68 @@ def _loop(run: _Run, rank: int, device: str | torch.device, time_limit: float | 
     deadline = None if time_limit is None else time.time() + 60 * time_limit
     progress = _Progress(run.start, config.iterations) if lead else None
     result: dict = run.history[-1] if run.history else {}
-    tic = time.time()
+    # seconds in the history are the run's: a resumed run goes on from its checkpoint's (the work done after
+    # that checkpoint and lost with the process is done again, and counted once)
+    tic = time.time() - (run.history[-1].get("seconds", 0.0) if run.history else 0.0)
     it = run.start
     unread: tuple[int, StepNumbers] | None = None  # the last step, if its numbers are not read yet
-    while it < config.iterations:
-        for group in run.opt.param_groups:
-            group["lr"] = config.lr_at(it)
-        late = lead and deadline is not None and time.time() > deadline
-        numbers = train_step(config, run.model, run.aux, run.opt, to_device(train_set[it], device), share, stop=late)
-        timed_out = numbers.stop
-        it += 1
-        validate = it % config.val_every == 0 or it == config.iterations or timed_out
-        # The last step's numbers are read now, as this step runs; this step's when the run validates or stops.
-        due, unread = [unread] if unread else [], (it, numbers)
-        if validate:
-            due, unread = [*due, unread], None
-        for i, n in due:
-            info = n.read()
-            if not math.isfinite(info["loss"]):  # the loss is summed over the processes: every one stops here
+    with Prefetcher(train_set, run.start, config.iterations) as episodes:
+        while it < config.iterations:
+            for group in run.opt.param_groups:
+                group["lr"] = config.lr_at(it)
+            late = lead and deadline is not None and time.time() > deadline
+            batch = to_device(episodes.get(it), device)
+            numbers = train_step(config, run.model, run.aux, run.opt, batch, share, stop=late)
+            timed_out = numbers.stop
+            it += 1
+            validate = it % config.val_every == 0 or it == config.iterations or timed_out
+            # The last step's numbers are read now, as this step runs; this step's when the run validates or stops.
+            due, unread = [unread] if unread else [], (it, numbers)
+            if validate:
+                due, unread = [*due, unread], None
+            for i, n in due:
+                info = n.read()
+                if not math.isfinite(info["loss"]):  # the loss is summed over the processes: every one stops here
+                    if progress is not None:
+                        progress.close()
+                    raise Diverged(
+                        _diverged(config, i, "training loss", info["loss"], run.checkpoint_path, run.history)
+                    )
                 if progress is not None:
-                    progress.close()
-                raise Diverged(_diverged(config, i, "training loss", info["loss"], run.checkpoint_path, run.history))
-            if progress is not None:
-                progress.update(info)
-        if not lead:
+                    progress.update(info)
+            if not lead:
+                if timed_out:
+                    break
+                continue
+            if validate:
+                waited = (run.history[-1].get("episode_wait", 0.0) if run.history else 0.0) + episodes.waited
+                episodes.waited = 0.0
+                result = _validate(run, it, time.time() - tic, info["loss"], waited, val_set, progress, plot)
             if timed_out:
+                progress.write(f"time limit of {time_limit} min reached at iteration {it}: saved {run.checkpoint_path}")
                 break
-            continue
-        if validate:
-            result = _validate(run, it, time.time() - tic, info["loss"], val_set, progress, plot)
-        if timed_out:
-            progress.write(f"time limit of {time_limit} min reached at iteration {it}: saved {run.checkpoint_path}")
-            break
     if progress is not None:
         progress.close()
     return result
 
 
 def _validate(
-    run: _Run, it: int, seconds: float, train_loss: float, val_set: object, progress: _Progress, plot: bool
+    run: _Run,
+    it: int,
+    seconds: float,
+    train_loss: float,
+    episode_wait: float,
+    val_set: object,
+    progress: _Progress,
+    plot: bool,
 ) -> dict:
     """Validates at iteration `it`: appends the result to the history and history.jsonl, checkpoints and redraws
-    the curve. Returns the result."""
+    the curve. Returns the result. seconds: the run's wall-clock so far; episode_wait: of those, the seconds the
+    meta-steps waited for their episodes."""
     config = run.config
     v = evaluate_model(run.model, run.aux, config, val_set, config.val_episodes, config.get("eval_inner_steps", 0))
     result = {"iteration": it, "seconds": seconds, "train_loss": train_loss, "val": v["mean"]}
-    result["val_ci95"] = v["ci95"]
+    result.update(val_ci95=v["ci95"], episode_wait=episode_wait)
     if not math.isfinite(v["mean"]):
         progress.close()
         raise Diverged(_diverged(config, it, f"validation {v['metric']}", v["mean"], run.checkpoint_path, run.history))
