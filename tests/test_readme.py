@@ -184,6 +184,11 @@ def _script(argv: list[str]) -> Run | str:
     if argv[1] == "benchmarks/batch_norm_double_backward.py":
         args = _on_this_machine(argv[2:])
         return Run([sys.executable, str(ROOT / argv[1]), *args, "--small", "--min-time", "0", "--rounds", "1"])
+    if argv[1] == "benchmarks/episode_prefetch.py":
+        return Run([sys.executable, str(ROOT / argv[1]), *argv[2:], "--small", "--steps", "2", "--rounds", "1"])
+    if argv[1] == "benchmarks/eval_memory.py":  # each way in its own process, on toy Conv4s
+        small = ["--small", "--tasks", "4", "--rows", "protonet-conv4", "maml-conv4"]
+        return Run([sys.executable, str(ROOT / argv[1]), *argv[2:], *small])
     if argv[1] == "benchmarks/host_time.py":
         return Run([sys.executable, str(ROOT / argv[1]), *argv[2:], "--tasks", "2", "--rounds", "1"])
     if argv[1] == "benchmarks/fewshot_decode.py":  # writes its JPEGs under --root (here the run's folder)
