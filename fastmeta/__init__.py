@@ -7,6 +7,8 @@ from fastmeta._kernels import STALE as _STALE
 from fastmeta._kernels import WITH_CUDA as _WITH_CUDA
 from fastmeta.algorithms import (
     LSLR,
+    SGD,
+    Adam,
     AdaptedModel,
     InnerLR,
     MAMLOutput,
@@ -38,6 +40,8 @@ __all__ = [
     "MAMLOutput",
     "AdaptedModel",
     "InnerLR",
+    "SGD",
+    "Adam",
     "MetaSGDLR",
     "LSLR",
     "msl_weights",

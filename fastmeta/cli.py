@@ -368,7 +368,8 @@ def _add_learner_options(group: argparse._ArgumentGroup) -> None:
             )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser: one subcommand each for bench, train, eval and plot."""
     parser = argparse.ArgumentParser(prog="python -m fastmeta", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="time the kernels against the reference and the usual alternatives")
@@ -455,5 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="curves.png", help="the PNG to write (default curves.png)")
     p.add_argument("--x", choices=["seconds", "iteration"], default="seconds", help="x axis (default: wall-clock)")
     p.set_defaults(func=_plot)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)

@@ -6,6 +6,7 @@ plain, differentiable PyTorch ops (half types in float32).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -130,6 +131,82 @@ def fast_weight_update(
         new = p_ - lr_i * g_
         out.append(new.to(g.dtype))
     return out
+
+
+def safe_sqrt(x: Tensor) -> Tensor:
+    """sqrt(x) for x >= 0, with derivatives of every order that are finite: 0 where x == 0 (where sqrt's is
+    infinite), so an exactly-zero gradient in Adam's second moment gives no NaN in a second-order step."""
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+
+
+def _lr_list(lr: Coef, grads: Sequence[Tensor], who: str) -> list[Tensor | float]:
+    lrs = _coef_list("lr", lr, grads)
+    if lrs is None:
+        raise TypeError(f"{who}: lr must be a number or a sequence of tensors, got None")
+    return lrs
+
+
+def sgd_update(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    lr: Coef,
+    bufs: Sequence[Tensor] | None,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+) -> tuple[list[Tensor], list[Tensor] | None]:
+    """One step of torch.optim.SGD (dampening 0) for T tasks at once: the reference definition.
+
+    d = g + weight_decay * p; with momentum, buf = momentum * buf + d (buf starts at 0, so the first step's is
+    d, as in torch.optim) and d = buf, or d + momentum * buf with nesterov; new p = p - lr * d.
+    params[i]: (T, *S_i) or S_i shared; grads[i]: (T, *S_i); bufs[i]: (T, *S_i) or S_i (None without
+    momentum); lr as in fast_weight_update. Returns (new params (T, *S_i), new bufs or None)."""
+    check_fast_weight_update(params, grads)
+    lrs = _lr_list(lr, grads, "sgd_update")
+    new_p, new_b = [], [] if momentum else None
+    for i, (p, g) in enumerate(zip(params, grads)):
+        d = g + weight_decay * p if weight_decay else g
+        if momentum:
+            buf = momentum * bufs[i] + d
+            new_b.append(buf)
+            d = d + momentum * buf if nesterov else buf
+        new_p.append(p - lrs[i] * d)
+    return new_p, new_b
+
+
+def adam_update(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    lr: Coef,
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    step: int,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Step `step` (1-based) of torch.optim.Adam (not amsgrad) for T tasks at once: the reference definition.
+
+    d = g + weight_decay * p; m = b1 * m + (1 - b1) * d; v = b2 * v + (1 - b2) * d^2 (both start at 0);
+    new p = p - lr / (1 - b1^step) * m / (sqrt(v) / sqrt(1 - b2^step) + eps), sqrt as `safe_sqrt`.
+    Shapes as sgd_update's. Returns (new params, new m, new v), each (T, *S_i)."""
+    check_fast_weight_update(params, grads)
+    if not isinstance(step, int) or step < 1:
+        raise ValueError(f"adam_update: step must be an integer >= 1, got {step!r}")
+    lrs = _lr_list(lr, grads, "adam_update")
+    b1, b2 = betas
+    bc1, bc2 = 1 - b1**step, 1 - b2**step
+    new_p, new_m, new_v = [], [], []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        d = g + weight_decay * p if weight_decay else g
+        m = b1 * exp_avgs[i] + (1 - b1) * d
+        v = b2 * exp_avg_sqs[i] + (1 - b2) * d * d
+        denom = safe_sqrt(v) / math.sqrt(bc2) + eps
+        new_p.append(p - (lrs[i] / bc1) * m / denom)
+        new_m.append(m)
+        new_v.append(v)
+    return new_p, new_m, new_v
 
 
 # ---------------------------------------------------------------------------------------------- contrastive

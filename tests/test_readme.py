@@ -186,6 +186,9 @@ def _script(argv: list[str]) -> Run | str:
         return Run([sys.executable, str(ROOT / argv[1]), *args, "--small", "--min-time", "0", "--rounds", "1"])
     if argv[1] == "benchmarks/episode_prefetch.py":
         return Run([sys.executable, str(ROOT / argv[1]), *argv[2:], "--small", "--steps", "2", "--rounds", "1"])
+    if argv[1] == "benchmarks/inner_opt.py":
+        small = ["--small", "--tasks", "2", "--steps", "2", "--rounds", "1"]
+        return Run([sys.executable, str(ROOT / argv[1]), *argv[2:], *small])
     if argv[1] == "benchmarks/eval_memory.py":  # each way in its own process, on toy Conv4s
         small = ["--small", "--tasks", "4", "--rows", "protonet-conv4", "maml-conv4"]
         return Run([sys.executable, str(ROOT / argv[1]), *argv[2:], *small])
@@ -239,6 +242,25 @@ def test_readme_commands_are_found():
     assert any(c.startswith("torchrun") for c in COMMANDS)
     assert _concrete("fastmeta bench [--device cuda]") == "fastmeta bench"
     assert _concrete("fastmeta train --dataset folder|cub --algo maml") == "fastmeta train --dataset folder --algo maml"
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_readme_command_parses(command, capsys):
+    """Each command line the README shows (as the slow tier would run it) is one the CLI accepts: no missing
+    argument, no unknown option, no prose mention taken for a command. Fast: parses, runs nothing."""
+    from fastmeta.cli import build_parser
+
+    plan = _plan(command)
+    if isinstance(plan, str) or "fastmeta" not in plan.argv:
+        pytest.skip("not a fastmeta command line" if not isinstance(plan, str) else plan)
+    args = plan.argv[plan.argv.index("fastmeta") + 1 :]
+    try:
+        build_parser().parse_args(args)
+    except SystemExit as e:
+        if e.code == 0:  # --help
+            return
+        pytest.fail(f"{command!r} is not a command line the CLI accepts: {capsys.readouterr().err.strip()[-400:]}")
+        raise AssertionError from e
 
 
 @pytest.fixture(scope="module")

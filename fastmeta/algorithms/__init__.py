@@ -2,6 +2,7 @@
 
 from fastmeta.algorithms.common import ClassificationOutput, Learner, Option, ProtoOutput
 from fastmeta.algorithms.inner import LSLR, InnerLR, MAMLOutput, MetaSGDLR, task_losses
+from fastmeta.algorithms.inner_opt import SGD, Adam, InnerOptimizer
 from fastmeta.algorithms.maml import AdaptedModel, adapt, maml_step, msl_weights
 from fastmeta.algorithms.maml_learners import ANIL, FOMAML, MAML, METASGD, PRETRAIN
 from fastmeta.algorithms.matching import MATCHING, FullContextEmbedding, matching_log_probs, matching_step
@@ -49,4 +50,7 @@ __all__ = [
     "InnerLR",
     "MetaSGDLR",
     "LSLR",
+    "SGD",
+    "Adam",
+    "InnerOptimizer",
 ]

@@ -210,6 +210,11 @@ TRAIN_WAY = Option(
 ZERO_HEAD = Option(
     "zero_head", bool, "the zeroing trick: every task adapts from a zero head (Kao et al. 2022)", default=False
 )
+INNER_OPT = Option(
+    "inner_opt", str, "the inner loop's update rule, in training and at test: sgd, momentum (SGD, momentum 0.9) "
+    "or adam (torch.optim.Adam's defaults); each task keeps its own state; the rate is --inner-lr",
+    default="sgd", choices=("sgd", "momentum", "adam"),
+)  # fmt: skip
 
 
 def zero_head(model: nn.Module) -> None:

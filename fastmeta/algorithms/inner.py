@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from fastmeta import ops
 from fastmeta.algorithms._batched import BatchedModel, LoopModel, VmapModel, runner, tasks_first
+from fastmeta.algorithms.inner_opt import SGD, InnerOptimizer, InnerState
 
 __all__ = [
     "InnerLoop", "PreparedLoop", "MAMLOutput", "InnerLR", "MetaSGDLR", "LSLR", "LossFn", "AdaptParams",
@@ -120,7 +121,8 @@ class InnerLoop:
     """How each task adapts: `inner_steps` steps fast_weights <- fast_weights - inner_lr * grad of `loss_fn` on
     its support set, for the parameters `adapt_params` selects, the model run by `strategy` (the arguments of
     maml_step, adapt and reptile_step; see maml_step). first_order: the inner gradients are constants (FOMAML).
-    Checks inner_steps on creation; `prepare` checks the rest against a model."""
+    inner_opt: the update rule (None: plain SGD; `fastmeta.SGD` with momentum, `fastmeta.Adam`).
+    Checks inner_steps and inner_opt on creation; `prepare` checks the rest against a model."""
 
     inner_lr: float | InnerLR = 0.4
     inner_steps: int = 1
@@ -128,9 +130,17 @@ class InnerLoop:
     loss_fn: LossFn = F.cross_entropy
     adapt_params: AdaptParams = None
     strategy: str = "auto"
+    inner_opt: InnerOptimizer | None = None
 
     def __post_init__(self) -> None:
         check_int("inner_steps", self.inner_steps, 0)
+        if self.inner_opt is not None and not isinstance(self.inner_opt, InnerOptimizer):
+            raise TypeError(
+                "inner_opt must be None, fastmeta.SGD(...) or fastmeta.Adam(...), got "
+                f"{type(self.inner_opt).__name__} (a torch.optim optimizer updates the model, not the fast weights)"
+            )
+        if self.inner_opt == SGD():
+            object.__setattr__(self, "inner_opt", None)  # plain SGD: the one-call step
 
     def prepare(self, fn: str, model: nn.Module, x: Tensor) -> PreparedLoop:
         """This loop on `model`, for tasks on x's device; `fn` names the caller in error messages. (Call it from
@@ -185,6 +195,11 @@ class PreparedLoop:
         """The adapted parameters themselves (S_i each, shared by all tasks): the fast weights before step 0."""
         return [self.params[n] for n in self.adapted]
 
+    def initial_state(self) -> InnerState | None:
+        """The tasks' inner optimiser state before step 0 (None: plain SGD, or a rule that keeps none)."""
+        opt = self.loop.inner_opt
+        return None if opt is None else opt.init([p.detach() for p in self.initial()])
+
     def meta_parameters(self) -> list[Tensor]:
         """What the meta-gradient reaches: the parameters that require grad, then a learned inner_lr's."""
         tensors = [p for p in self.params.values() if p.requires_grad]
@@ -198,11 +213,18 @@ class PreparedLoop:
 
 
 def _step(
-    at: PreparedLoop, feat: object, y: Tensor, s: int, fast: list[Tensor], create_graph: bool
+    at: PreparedLoop,
+    feat: object,
+    y: Tensor,
+    s: int,
+    fast: list[Tensor],
+    create_graph: bool,
+    state: InnerState | None = None,
 ) -> tuple[list[Tensor], Tensor]:
     """Inner step `s` of all T tasks from `fast` (shared S_i initial weights or per-task (T, *S_i) ones) on the
     support features `feat` (`at.features` of the support sets) and targets y (T, Ns, ...): (new (T, *S_i) fast
-    weights, (T,) support losses before the step, detached). create_graph: keep the step differentiable."""
+    weights, (T,) support losses before the step, detached). create_graph: keep the step differentiable.
+    state: the inner optimiser's (`at.initial_state()` before step 0), advanced in place."""
     T = y.shape[0]
     lr = at.lr_of(s)
     with torch.enable_grad():
@@ -213,7 +235,9 @@ def _step(
         grads = torch.autograd.grad(
             losses.sum(), inputs, create_graph=create_graph, allow_unused=True, materialize_grads=True
         )
-    return ops.fast_weight_update(fast, grads, lr), losses.detach()
+    if at.loop.inner_opt is None:
+        return ops.fast_weight_update(fast, grads, lr), losses.detach()
+    return at.loop.inner_opt.step(fast, grads, lr, state, s), losses.detach()
 
 
 def task_losses(loss_fn: LossFn, pred: Tensor, target: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ from fastmeta.algorithms.inner import (
     check_int,
     describe,
 )
+from fastmeta.algorithms.inner_opt import InnerOptimizer
 from fastmeta.algorithms.recompute import meta_step, parse_recompute
 from fastmeta.data import TaskBatch
 
@@ -98,6 +99,7 @@ def maml_step(
     multi_step_weights: Sequence[float] | Tensor | None = None,
     strategy: str = "auto",
     recompute: int | str | tuple[str, int] | None = None,
+    inner_opt: InnerOptimizer | None = None,
 ) -> MAMLOutput:
     """One meta-step of MAML over the T tasks of `batch`: adapt to each support set, evaluate on its query set.
 
@@ -136,15 +138,24 @@ def maml_step(
               without a graph. With dropout in the query, the loss is exact for the masks drawn per chunk.
             - ("steps", k): both: chunks of k tasks, each swept over its steps.
             How each works and what it costs: the docstring of `fastmeta.algorithms.recompute`.
+        inner_opt: the inner update rule: None (plain SGD, as above), `fastmeta.SGD(momentum=0.9,
+            nesterov=False)` or `fastmeta.Adam(betas=(0.9, 0.999), eps=1e-8)`, torch.optim's rules with
+            inner_lr as their lr and each task's own state; differentiable like the plain step. (Not with
+            recompute="steps" yet.)
 
     Returns: a `MAMLOutput` (loss, (T,) task_losses, accuracy, (T, inner_steps) support_losses, predictions,
         fast_weights).
     """
     if not isinstance(batch, TaskBatch):
         raise TypeError(f"maml_step: batch must be a fastmeta.TaskBatch, got {type(batch).__name__}")
-    loop = InnerLoop(inner_lr, inner_steps, first_order, loss_fn, adapt_params, strategy)
+    loop = InnerLoop(inner_lr, inner_steps, first_order, loss_fn, adapt_params, strategy, inner_opt)
     weights = _step_weights(multi_step_weights, inner_steps)
     sweep, chunk = parse_recompute(recompute)
+    if sweep and loop.inner_opt is not None:
+        raise ValueError(
+            "maml_step: recompute='steps' does not carry an inner optimiser's state yet; with inner_opt use "
+            "recompute=k (k tasks at a time) or none"
+        )
     # Here, not deeper: the runner's warning about an unbatched model names the caller of maml_step.
     at = loop.prepare("maml_step", model, batch.support_x)
     return meta_step(at, batch, weights, sweep, chunk)
@@ -175,6 +186,7 @@ def adapt(
     *,
     adapt_params: Iterable[str] | Callable[[str], bool] | None = None,
     strategy: str = "auto",
+    inner_opt: InnerOptimizer | None = None,
 ) -> AdaptedModel:
     """Adapt `model` to T tasks (meta-testing): `inner_steps` steps on each support set (T, Ns, *x), (T, Ns, ...).
 
@@ -182,7 +194,9 @@ def adapt(
     the model's parameters is kept, and the model is not modified. Arguments as in `maml_step`.
     """
     TaskBatch(support_x, support_y, support_x, support_y)  # shape checks
-    loop = InnerLoop(inner_lr, inner_steps, loss_fn=loss_fn, adapt_params=adapt_params, strategy=strategy)
+    loop = InnerLoop(
+        inner_lr, inner_steps, loss_fn=loss_fn, adapt_params=adapt_params, strategy=strategy, inner_opt=inner_opt
+    )
     return adapt_prepared(loop.prepare("adapt", model, support_x), support_x, support_y)
 
 
@@ -191,9 +205,9 @@ def adapt_prepared(at: PreparedLoop, support_x: Tensor, support_y: Tensor) -> Ad
     (T, Ns, *x), (T, Ns, ...)."""
     with torch.no_grad():
         at = at.detached()
-        feat, fast, losses = at.features(support_x), at.initial(), []
+        feat, fast, state, losses = at.features(support_x), at.initial(), at.initial_state(), []
         for s in range(at.loop.inner_steps):
-            fast, step_losses = _step(at, feat, support_y, s, fast, False)
+            fast, step_losses = _step(at, feat, support_y, s, fast, False, state)
             losses.append(step_losses)
         T = support_x.shape[0]
         fast_weights = _per_task_weights(at.params, at.adapted, fast, T)

@@ -10,6 +10,7 @@ from fastmeta.algorithms.common import (
     EVAL_INNER_STEPS,
     INIT_LR,
     INNER_LR,
+    INNER_OPT,
     INNER_STEPS,
     TRAIN_SHOT,
     ZERO_HEAD,
@@ -20,6 +21,7 @@ from fastmeta.algorithms.common import (
     zero_head_after_step,
 )
 from fastmeta.algorithms.inner import MAMLOutput, MetaSGDLR
+from fastmeta.algorithms.inner_opt import inner_opt_of
 from fastmeta.algorithms.maml import adapt, maml_step
 from fastmeta.data import TaskBatch
 
@@ -29,7 +31,7 @@ __all__ = [
 ]  # fmt: skip
 
 # What a learner that adapts a network with a head by gradient steps reads.
-GRADIENT_OPTIONS = (INNER_LR, INNER_STEPS, EVAL_INNER_STEPS, TRAIN_SHOT, ZERO_HEAD)
+GRADIENT_OPTIONS = (INNER_LR, INNER_STEPS, EVAL_INNER_STEPS, TRAIN_SHOT, ZERO_HEAD, INNER_OPT)
 
 
 def recompute_of(text: str) -> int | str | tuple[str, int] | None:
@@ -100,7 +102,7 @@ def _maml(first_order: bool, adapt_params: list[str] | None = None):  # noqa: AN
         lr, recompute = _inner_lr(config, aux), recompute_of(config.recompute)
         return maml_step(
             model, batch, lr, config.inner_steps, first_order, config.loss_fn, adapt_params=adapt_params,
-            recompute=recompute,
+            recompute=recompute, inner_opt=inner_opt_of(config.inner_opt),
         )  # fmt: skip
 
     return objective

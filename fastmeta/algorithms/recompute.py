@@ -95,10 +95,10 @@ def _plain(at: PreparedLoop, batch: TaskBatch, weights: Tensor | None) -> MAMLOu
         return pred, task_losses(at.loop.loss_fn, pred, batch.query_y)
 
     create_graph = torch.is_grad_enabled() and not at.loop.first_order
-    sfeat, fast = at.features(batch.support_x), at.initial()
+    sfeat, fast, state = at.features(batch.support_x), at.initial(), at.initial_state()
     support_losses, loss = [], None
     for s in range(S):
-        fast, losses = _step(at, sfeat, batch.support_y, s, fast, create_graph)
+        fast, losses = _step(at, sfeat, batch.support_y, s, fast, create_graph, state)
         support_losses.append(losses)
         if weights is not None and s < S - 1 and weights[s] != 0:
             loss = float(weights[s]) * query(fast)[1].mean() + (0 if loss is None else loss)

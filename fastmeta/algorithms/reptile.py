@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from fastmeta.algorithms.common import (
     EVAL_INNER_STEPS,
     INNER_LR,
+    INNER_OPT,
     INNER_STEPS,
     TRAIN_SHOT,
     ZERO_HEAD,
@@ -20,6 +21,7 @@ from fastmeta.algorithms.common import (
 )
 from fastmeta.algorithms.common import query_accuracy as _accuracy
 from fastmeta.algorithms.inner import InnerLoop, InnerLR, LossFn, task_losses
+from fastmeta.algorithms.inner_opt import InnerOptimizer, inner_opt_of
 from fastmeta.algorithms.maml import adapt_prepared
 from fastmeta.algorithms.maml_learners import build_with_head, predict_by_adapting
 from fastmeta.data import TaskBatch
@@ -50,6 +52,7 @@ def reptile_step(
     *,
     adapt_params: Iterable[str] | Callable[[str], bool] | None = None,
     strategy: str = "auto",
+    inner_opt: InnerOptimizer | None = None,
 ) -> ReptileOutput:
     """One Reptile meta-step: adapt each task with `inner_steps` SGD steps on its support set (all T tasks
     batched, through fastmeta.ops.fast_weight_update), then add the Reptile direction
@@ -58,10 +61,14 @@ def reptile_step(
     An optimiser step then moves the initial weights toward the tasks' adapted weights: with
     torch.optim.SGD(lr=epsilon), theta <- theta + epsilon * (mean_t phi_t - theta), Nichol et al.'s batched
     update; Adam on the same direction also works. The query sets are only evaluated (for the returned losses).
+    inner_opt: the inner steps' rule (None: SGD; `fastmeta.SGD(momentum=...)`, `fastmeta.Adam()`: Nichol et
+    al.'s inner loop was Adam).
     """
     if not isinstance(batch, TaskBatch):
         raise TypeError(f"reptile_step: batch must be a fastmeta.TaskBatch, got {type(batch).__name__}")
-    loop = InnerLoop(inner_lr, inner_steps, loss_fn=loss_fn, adapt_params=adapt_params, strategy=strategy)
+    loop = InnerLoop(
+        inner_lr, inner_steps, loss_fn=loss_fn, adapt_params=adapt_params, strategy=strategy, inner_opt=inner_opt
+    )
     adapted = adapt_prepared(loop.prepare("reptile_step", model, batch.support_x), batch.support_x, batch.support_y)
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -88,9 +95,10 @@ REPTILE = Learner(
         EVAL_INNER_STEPS.but(default=10, per_domain={"functions": 1}),
         TRAIN_SHOT.but(default=10, per_domain={"functions": None}),
         ZERO_HEAD,
+        INNER_OPT,
     ),
     objective=lambda config, model, aux, batch: reptile_step(
-        model, batch, config.inner_lr, config.inner_steps, config.loss_fn
+        model, batch, config.inner_lr, config.inner_steps, config.loss_fn, inner_opt=inner_opt_of(config.inner_opt)
     ),
     writes_gradient=True,
     predict=predict_by_adapting,

@@ -153,6 +153,11 @@ class RunConfig:
             raise ValueError(f"options {sorted(self.options)} are not those {self.algo} reads: {_names(learner)}")
         for o in learner.options:
             o.check(self.options[o.name])
+        if self.options.get("inner_opt", "sgd") != "sgd" and str(self.options.get("recompute")).startswith("steps"):
+            raise ValueError(
+                f"recompute {self.options['recompute']} does not carry --inner-opt {self.options['inner_opt']}'s "
+                "state yet: use --recompute K (K tasks at a time) or none"
+            )
 
     def lr_at(self, it: int) -> float:
         """The meta learning rate of iteration `it`, per the schedule (default: the learner's; Reptile's anneals
