@@ -171,6 +171,34 @@ def test_custom_module_picks_an_exact_runner(bn):
     assert isinstance(_batched.runner(model, "auto"), _batched.TracedModel)
 
 
+class FunctionalHead(nn.Module):
+    """Parameters read through get_attr (F.linear(x, self.w)), after a module layer: the batched runner must see
+    that the steps reading them adapt (it once took such a model for a shared body and did not adapt it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(1, 6)
+        self.w = nn.Parameter(torch.randn(1, 6) * 0.5)
+        self.b = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.body(x)), self.w, self.b)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(1, 1), FunctionalHead], ids=["bare-linear", "functional"])
+@pytest.mark.parametrize("adapt_params", [None, ["w", "b"]], ids=["all", "head"])
+def test_parameters_read_by_get_attr_adapt(make, adapt_params):
+    torch.manual_seed(0)
+    model, batch = make().to(D64), regression_batch()
+    if adapt_params and isinstance(model, nn.Linear):
+        adapt_params = ["weight"]
+    out = fastmeta.maml_step(model, batch, 0.01, 2, False, F.mse_loss, adapt_params=adapt_params)
+    want = loop_meta_loss(model, batch, 0.01, 2, False, F.mse_loss, adapted=adapt_params)
+    assert isinstance(_batched.runner(model, "auto"), _batched.TracedModel)
+    assert_close(out.loss, want, rtol=1e-10, atol=0)
+    assert_grads_close(grads_of(out.loss, list(model.parameters())), grads_of(want, list(model.parameters())))
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_meta_gradient_matches_finite_differences(name, layout):
     """The loop oracle and maml_step both agree with central differences of the meta-loss (second order)."""

@@ -51,7 +51,7 @@ class TracedModel:
     def split(self, adapted: set[str]) -> int:
         """The last cut point before the first step that uses an adapted parameter (0 if none): the steps
         before it give the same output at every inner step (ANIL's shared body)."""
-        first = next((i for i, s in enumerate(self.steps) if any(n in adapted for n in s.param_names)), len(self.steps))
+        first = next((i for i, s in enumerate(self.steps) if _reads(s) & adapted), len(self.steps))
         return max(k for k in range(first + 1) if self.cuts[k] is not None)
 
     def __call__(
@@ -78,6 +78,20 @@ class TracedModel:
                 if n is not self.cuts[stop]:
                     env.pop(n, None)
         return env[self.cuts[stop]]
+
+
+def _reads(step: _Step) -> set[str]:
+    """The parameters a step reads: its layer's, and those its arguments fetch (a forward that calls
+    F.linear(x, self.weight) reads `weight` through a get_attr node)."""
+    names = set(step.param_names)
+
+    def note(a: torch.fx.Node) -> torch.fx.Node:
+        if a.op == "get_attr":
+            names.add(a.target)
+        return a
+
+    torch.fx.node.map_arg((step.args, step.kwargs), note)
+    return names
 
 
 BatchedModel = TracedModel  # the name the algorithms import (it was the nn.Sequential-only runner)
