@@ -6,7 +6,9 @@
 
 Methods: `plain` maml_step; `steps` maml_step(recompute="steps"); `chunks` maml_step(recompute=k) (k tasks at a
 time); `steps+chunks` maml_step(recompute=("steps", k)); `loop` the usual per-task loop (functional_call,
-autograd.grad(create_graph=True), subtraction; the mean of the tasks' query losses differentiated once).
+autograd.grad(create_graph=True), subtraction; the mean of the tasks' query losses differentiated once);
+`imaml` fastmeta.imaml_step (implicit MAML, lambda 2, 5 CG steps: no graph of the inner steps; a different
+meta-gradient, that of the proximal inner problem, at the cost the issue compares with exact second order).
 
 Each row runs in a fresh process (this script, called with --row), so that one row's allocations do not hide the
 next one's peak (--one-process, for a quick check of the script: all rows in one such process, one after
@@ -40,7 +42,7 @@ from fastmeta.models import Conv4, ResNet12
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from maml_resnet12 import _loop_loss  # noqa: E402  (the same per-task loop as the ResNet-12 table)
 
-METHODS = ("plain", "steps", "chunks", "steps+chunks", "loop")
+METHODS = ("plain", "steps", "chunks", "steps+chunks", "loop", "imaml")
 
 # name -> (model, channels, image size, tasks T, tasks per chunk k, inner rate); --small: toy sizes.
 FULL = {
@@ -72,6 +74,8 @@ def meta_step(method: str, model: nn.Module, b: fastmeta.TaskBatch, lr: float, s
     def run() -> tuple[Tensor, ...]:
         if method == "loop":
             loss = _loop_loss(model, b, lr, steps)
+        elif method == "imaml":
+            loss = fastmeta.imaml_step(model, b, lr, steps, lam=2.0, cg_steps=5).loss
         else:
             loss = fastmeta.maml_step(model, b, lr, steps, recompute=recompute[method]).loss
         return torch.autograd.grad(loss, params)

@@ -248,7 +248,8 @@ def test_train_errors(tmp_path, capsys):
     code, _, err = run(["train", "--dataset", "omniglot", "--algo", "snail", "--zero-head"], capsys)
     assert (
         code == 2
-        and "--zero-head is not an option of snail (it is for maml, fomaml, metasgd, anil, reptile, metalstm)" in err
+        and "--zero-head is not an option of snail (it is for maml, fomaml, metasgd, anil, imaml, reptile, metalstm)"
+        in err
     )
     code, _, err = run(["train", "--dataset", "omniglot", "--layers", "3", "--out", str(tmp_path / "k")], capsys)
     assert code == 2 and "layers is a setting of sinusoid runs, not of omniglot ones" in err

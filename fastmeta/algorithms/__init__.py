@@ -1,6 +1,7 @@
 """Meta-learning algorithms built on fastmeta's ops."""
 
 from fastmeta.algorithms.common import ClassificationOutput, Learner, Option, ProtoOutput
+from fastmeta.algorithms.imaml import IMAML, conjugate_gradient, imaml_adapt, imaml_step
 from fastmeta.algorithms.inner import LSLR, InnerLR, MAMLOutput, MetaSGDLR, task_losses
 from fastmeta.algorithms.inner_opt import SGD, Adam, InnerOptimizer
 from fastmeta.algorithms.maml import AdaptedModel, adapt, maml_step, msl_weights
@@ -17,7 +18,7 @@ from fastmeta.algorithms.snail import SNAIL, SNAIL_LEARNER, snail_step
 LEARNERS: dict[str, Learner] = {
     learner.name: learner
     for learner in (
-        *(MAML, FOMAML, METASGD, ANIL, REPTILE, PRETRAIN, META_LSTM, SNAIL_LEARNER),
+        *(MAML, FOMAML, METASGD, ANIL, IMAML, REPTILE, PRETRAIN, META_LSTM, SNAIL_LEARNER),
         *(PROTONET, MATCHING, SIAMESE),
     )
 }
@@ -43,6 +44,9 @@ __all__ = [
     "nearest_support_logits",
     "ReptileOutput",
     "adapt",
+    "imaml_step",
+    "imaml_adapt",
+    "conjugate_gradient",
     "task_losses",
     "msl_weights",
     "MAMLOutput",

@@ -220,11 +220,13 @@ def _step(
     fast: list[Tensor],
     create_graph: bool,
     state: InnerState | None = None,
+    lam: float = 0.0,
 ) -> tuple[list[Tensor], Tensor]:
     """Inner step `s` of all T tasks from `fast` (shared S_i initial weights or per-task (T, *S_i) ones) on the
     support features `feat` (`at.features` of the support sets) and targets y (T, Ns, ...): (new (T, *S_i) fast
     weights, (T,) support losses before the step, detached). create_graph: keep the step differentiable.
-    state: the inner optimiser's (`at.initial_state()` before step 0), advanced in place."""
+    state: the inner optimiser's (`at.initial_state()` before step 0), advanced in place. lam: the step is on
+    the support loss plus the proximal term lam/2 ||fast - initial||^2 (iMAML's inner problem)."""
     T = y.shape[0]
     lr = at.lr_of(s)
     with torch.enable_grad():
@@ -235,6 +237,8 @@ def _step(
         grads = torch.autograd.grad(
             losses.sum(), inputs, create_graph=create_graph, allow_unused=True, materialize_grads=True
         )
+    if lam:
+        grads = [g + lam * (f - c) for g, f, c in zip(grads, fast, at.initial())]
     if at.loop.inner_opt is None:
         return ops.fast_weight_update(fast, grads, lr), losses.detach()
     return at.loop.inner_opt.step(fast, grads, lr, state, s), losses.detach()

@@ -200,14 +200,14 @@ def adapt(
     return adapt_prepared(loop.prepare("adapt", model, support_x), support_x, support_y)
 
 
-def adapt_prepared(at: PreparedLoop, support_x: Tensor, support_y: Tensor) -> AdaptedModel:
+def adapt_prepared(at: PreparedLoop, support_x: Tensor, support_y: Tensor, lam: float = 0.0) -> AdaptedModel:
     """`adapt` with the inner loop `at` (InnerLoop.prepare): its steps without a graph on the support sets
-    (T, Ns, *x), (T, Ns, ...)."""
+    (T, Ns, *x), (T, Ns, ...); lam > 0: on the support loss plus lam/2 ||fast - initial||^2 (iMAML)."""
     with torch.no_grad():
         at = at.detached()
         feat, fast, state, losses = at.features(support_x), at.initial(), at.initial_state(), []
         for s in range(at.loop.inner_steps):
-            fast, step_losses = _step(at, feat, support_y, s, fast, False, state)
+            fast, step_losses = _step(at, feat, support_y, s, fast, False, state, lam)
             losses.append(step_losses)
         T = support_x.shape[0]
         fast_weights = _per_task_weights(at.params, at.adapted, fast, T)
