@@ -207,6 +207,11 @@ LAM = Option(
     "lam", float, "iMAML: the proximal term's strength lambda in each task's inner problem",
     default=2.0, valid=lambda v: 0 < v < math.inf, bound="> 0",
 )  # fmt: skip
+CG_DAMPING = Option(
+    "cg_damping", float, "iMAML: solve ((1 + d) I + H/lambda) v = g (a safeguard where the support Hessian is "
+    "far from positive definite; 0: the paper's system)", default=0.0, valid=lambda v: 0 <= v < math.inf,
+    bound=">= 0",
+)  # fmt: skip
 CG_STEPS = Option(
     "cg_steps", int, "iMAML: conjugate-gradient iterations per task for the implicit meta-gradient",
     default=5, valid=lambda v: v >= 0, bound=">= 0",
@@ -216,7 +221,7 @@ CG_STEPS = Option(
 def _objective(config: Settings, model: nn.Module, aux: nn.Module | None, batch: TaskBatch) -> MAMLOutput:
     return imaml_step(
         model, batch, config.inner_lr, config.inner_steps, config.lam, config.cg_steps, config.loss_fn,
-        inner_opt=inner_opt_of(config.inner_opt),
+        damping=config.cg_damping, inner_opt=inner_opt_of(config.inner_opt),
     )  # fmt: skip
 
 
@@ -244,6 +249,7 @@ IMAML = Learner(
         INNER_OPT,
         LAM,
         CG_STEPS,
+        CG_DAMPING,
     ),
     objective=_objective,
     predict=_predict,
