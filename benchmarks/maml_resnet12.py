@@ -153,10 +153,17 @@ def _higher_loss(model: nn.Module, b: fastmeta.TaskBatch, lr: float, steps: int)
 
 
 def _torchopt_step(model: nn.Module, b: fastmeta.TaskBatch, lr: float, steps: int) -> float:
-    """torchopt's MAML example: adapt in place, backward per task (gradients into .grad), restore. The loss."""
+    """torchopt's MAML example with its MetaSGD; see torchopt_loop. The loss."""
     import torchopt
 
-    inner = torchopt.MetaSGD(model, lr=lr)
+    return torchopt_loop(model, torchopt.MetaSGD(model, lr=lr), b, steps)
+
+
+def torchopt_loop(model: nn.Module, inner: object, b: fastmeta.TaskBatch, steps: int) -> float:
+    """torchopt's MAML example with the meta-optimiser `inner` (MetaSGD, MetaAdam...) built on `model`: adapt
+    in place, backward per task (gradients into .grad), restore the model and the optimiser. The loss."""
+    import torchopt
+
     net_state, opt_state = torchopt.extract_state_dict(model), torchopt.extract_state_dict(inner)
     total = 0.0
     for t in range(b.num_tasks):

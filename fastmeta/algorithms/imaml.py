@@ -195,9 +195,7 @@ def imaml_adapt(
     """iMAML's adaptation at meta-test: `inner_steps` steps on each task's support loss + lam/2 ||phi - theta||^2
     (support sets (T, Ns, *x), (T, Ns, ...); lam=0: plain `adapt`). Returns an `AdaptedModel`."""
     TaskBatch(support_x, support_y, support_x, support_y)  # shape checks
-    if lam == 0:
-        lam = 0.0
-    else:
+    if lam != 0:  # 0: plain adapt
         _check("imaml_adapt", inner_lr, lam, 0, 0.0)
     loop = InnerLoop(float(inner_lr), inner_steps, loss_fn=loss_fn, strategy=strategy, inner_opt=inner_opt)
     return adapt_prepared(loop.prepare("imaml_adapt", model, support_x), support_x, support_y, float(lam))
