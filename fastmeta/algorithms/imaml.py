@@ -47,18 +47,21 @@ from fastmeta.data import TaskBatch
 __all__ = ["imaml_step", "imaml_adapt", "IMAML", "conjugate_gradient"]
 
 
-def _check(fn: str, inner_lr: object, lam: object, cg_steps: object, damping: object) -> None:
+def _check(
+    fn: str, inner_lr: object, lam: object, cg_steps: object, damping: object, lam_damping: object = 0.0
+) -> None:
     if not isinstance(inner_lr, (int, float)) or isinstance(inner_lr, bool) or not inner_lr >= 0:
         raise TypeError(
             f"{fn}: inner_lr must be a number >= 0 (learned rates get no implicit gradient), got {inner_lr!r}"
         )
-    for name, value in (("lam", lam), ("damping", damping)):
+    for name, value in (("lam", lam), ("damping", damping), ("lam_damping", lam_damping)):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise ValueError(f"{fn}: {name} must be a finite number, got {value!r}")
     if not lam > 0:
         raise ValueError(f"{fn}: lam must be > 0 (the proximal term's strength), got {lam!r}")
-    if damping < 0:
-        raise ValueError(f"{fn}: damping must be >= 0, got {damping!r}")
+    for name, value in (("damping", damping), ("lam_damping", lam_damping)):
+        if value < 0:
+            raise ValueError(f"{fn}: {name} must be >= 0, got {value!r}")
     check_int(f"{fn}: cg_steps", cg_steps, 0)
 
 
@@ -105,6 +108,7 @@ def imaml_step(
     loss_fn: LossFn = F.cross_entropy,
     *,
     damping: float = 0.0,
+    lam_damping: float = 0.0,
     strategy: str = "auto",
     inner_opt: InnerOptimizer | None = None,
 ) -> MAMLOutput:
@@ -117,8 +121,10 @@ def imaml_step(
         inner_lr, inner_steps: each task's `inner_steps` steps on its support loss + lam/2 ||phi - theta||^2.
         lam: the proximal term's strength (Rajeswaran et al.'s lambda; large: phi stays near theta).
         cg_steps: conjugate-gradient iterations per task (0: the query gradient itself, first order).
-        damping: solve ((1 + damping) I + H/lam) v = g instead (a safeguard where H is far from positive
-            definite; the authors' code damps; the paper's system is damping=0).
+        damping, lam_damping: solve ((1 + damping) I + H/(lam + lam_damping)) v = g instead (the paper's system
+            is damping=lam_damping=0; the authors' released Omniglot code solves damping=1, lam_damping=10,
+            which stays well conditioned where the inner problem is not solved and H is far from positive
+            definite, as with a Conv4 after 16 steps at rate 0.1).
         inner_opt: the inner update rule, as in `maml_step` (None: SGD).
 
     Returns: a `MAMLOutput`: loss (0-d, the mean query loss; backward gives the implicit meta-gradient), task
@@ -127,7 +133,7 @@ def imaml_step(
     """
     if not isinstance(batch, TaskBatch):
         raise TypeError(f"imaml_step: batch must be a fastmeta.TaskBatch, got {type(batch).__name__}")
-    _check("imaml_step", inner_lr, lam, cg_steps, damping)
+    _check("imaml_step", inner_lr, lam, cg_steps, damping, lam_damping)
     loop = InnerLoop(float(inner_lr), inner_steps, loss_fn=loss_fn, strategy=strategy, inner_opt=inner_opt)
     at = loop.prepare("imaml_step", model, batch.support_x)
     adapted = adapt_prepared(at, batch.support_x, batch.support_y, float(lam))
@@ -141,7 +147,8 @@ def imaml_step(
         track = grad_mode and any(p.requires_grad for p in at.initial()) and T > 0
         if track:
             g = torch.autograd.grad(loss, phi)
-            v = _implicit(det, phi, g, batch, float(lam), cg_steps, float(damping)) if cg_steps else list(g)
+            system = (float(lam) + float(lam_damping), float(damping))
+            v = _implicit(det, phi, g, batch, *system, cg_steps) if cg_steps else list(g)
             theta = at.initial()
             pull = sum((t * vi.sum(0)).sum() for t, vi in zip(theta, v) if t.requires_grad)
             loss = loss.detach() + (pull - pull.detach())
@@ -156,9 +163,9 @@ def imaml_step(
 
 
 def _implicit(
-    at: PreparedLoop, phi: list[Tensor], g: tuple[Tensor, ...], batch: TaskBatch, lam: float, cg: int, damp: float
+    at: PreparedLoop, phi: list[Tensor], g: tuple[Tensor, ...], batch: TaskBatch, lam: float, damp: float, cg: int
 ) -> list[Tensor]:
-    """Each task's (I(1 + damp) + H_t/lam)^-1 g_t by `cg` CG iterations, H_t the support loss's Hessian at phi_t:
+    """Each task's ((1 + damp) I + H_t/lam)^-1 g_t by `cg` CG iterations, H_t the support loss's Hessian at phi_t:
     one graph of the support gradient, differentiated again per iteration (all tasks at once)."""
     feat = at.features(batch.support_x)
     out = at.run({**at.params, **dict(zip(at.adapted, phi))}, feat, at.start, twice=True)
@@ -206,9 +213,12 @@ LAM = Option(
     default=2.0, valid=lambda v: 0 < v < math.inf, bound="> 0",
 )  # fmt: skip
 CG_DAMPING = Option(
-    "cg_damping", float, "iMAML: solve ((1 + d) I + H/lambda) v = g (a safeguard where the support Hessian is "
-    "far from positive definite; 0: the paper's system)", default=0.0, valid=lambda v: 0 <= v < math.inf,
-    bound=">= 0",
+    "cg_damping", float, "iMAML: solve ((1 + d) I + H/(lambda + lam_damping)) v = g (the authors' released code: 1; "
+    "0 with --lam-damping 0: the paper's system)", default=1.0, valid=lambda v: 0 <= v < math.inf, bound=">= 0",
+)  # fmt: skip
+LAM_DAMPING = Option(
+    "lam_damping", float, "iMAML: solve ((1 + cg_damping) I + H/(lambda + lam_damping)) v = g (the authors' "
+    "released code: 10)", default=10.0, valid=lambda v: 0 <= v < math.inf, bound=">= 0",
 )  # fmt: skip
 CG_STEPS = Option(
     "cg_steps", int, "iMAML: conjugate-gradient iterations per task for the implicit meta-gradient",
@@ -219,7 +229,7 @@ CG_STEPS = Option(
 def _objective(config: Settings, model: nn.Module, aux: nn.Module | None, batch: TaskBatch) -> MAMLOutput:
     return imaml_step(
         model, batch, config.inner_lr, config.inner_steps, config.lam, config.cg_steps, config.loss_fn,
-        damping=config.cg_damping, inner_opt=inner_opt_of(config.inner_opt),
+        damping=config.cg_damping, lam_damping=config.lam_damping, inner_opt=inner_opt_of(config.inner_opt),
     )  # fmt: skip
 
 
@@ -233,7 +243,9 @@ def _predict(config: Settings, model: nn.Module, aux: nn.Module | None, batch: T
 
 
 # Rajeswaran et al.'s Omniglot settings (their code's README): inner rate 0.1, 16 inner steps, lambda 2, 5 CG
-# steps, 32 tasks a meta-batch, Adam 1e-3; the same proximal inner problem at test.
+# steps, 32 tasks a meta-batch, Adam 1e-3, and the damped system of their code ((2 I + H/12) v = g: on Omniglot
+# the paper's undamped system lost validation accuracy as it trained, see benchmarks/RESULTS.md); the same
+# proximal inner problem at test.
 IMAML = Learner(
     name="imaml",
     summary="implicit MAML (Rajeswaran et al. 2019): proximal inner problem, meta-gradient by conjugate gradient "
@@ -248,6 +260,7 @@ IMAML = Learner(
         LAM,
         CG_STEPS,
         CG_DAMPING,
+        LAM_DAMPING,
     ),
     objective=_objective,
     predict=_predict,
