@@ -226,7 +226,7 @@ def test_train_errors(tmp_path, capsys):
     code, _, err = run(["train", "--algo", "snail", "--out", str(tmp_path / "d2")], capsys)
     assert code == 2 and "algo 'snail' is for classification tasks: use --dataset omniglot" in err
     code, _, err = run(["train", "--dataset", "omniglot", "--train-way", "20", "--out", str(tmp_path / "f")], capsys)
-    assert code == 2 and "--train-way is not an option of maml (it is for protonet, matching, siamese)" in err
+    assert code == 2 and "--train-way is not an option of maml (it is for protonet, matching, siamese, metabase" in err
     code, _, err = run(["train", "--fce", "3", "--out", str(tmp_path / "g")], capsys)
     assert code == 2 and "--fce is not an option of maml (it is for matching); maml reads --inner-lr," in err
     code, _, err = run(["train", "--margin", "3", "--out", str(tmp_path / "h")], capsys)
@@ -336,7 +336,7 @@ def test_omniglot_run(tmp_path, capsys, algo):
     code, stdout, err = run(wider + ["--k-shot", "2"], capsys)
     if not learner.head and "n_way" not in learner.built_for:
         assert code == 0, err
-        assert f"{algo} omniglot 20-way 2-shot, test split, 4 tasks: accuracy" in stdout
+        assert f"{algo} omniglot 20-way 2-shot, test split, 4 tasks{steps}: accuracy" in stdout
     else:
         assert code == 2 and f"n_way: a {algo} model is built for 5-way episodes" in err
         code, stdout, err = run(wider[:-2] + ["--k-shot", "2"], capsys)

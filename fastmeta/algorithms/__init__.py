@@ -1,5 +1,6 @@
 """Meta-learning algorithms built on fastmeta's ops."""
 
+from fastmeta.algorithms.baselines import BASELINE, BASELINEPP, METABASELINE, fit_heads
 from fastmeta.algorithms.common import ClassificationOutput, Learner, Option, ProtoOutput
 from fastmeta.algorithms.imaml import IMAML, conjugate_gradient, imaml_adapt, imaml_step
 from fastmeta.algorithms.inner import LSLR, InnerLR, MAMLOutput, MetaSGDLR, task_losses
@@ -19,7 +20,7 @@ LEARNERS: dict[str, Learner] = {
     learner.name: learner
     for learner in (
         *(MAML, FOMAML, METASGD, ANIL, IMAML, REPTILE, PRETRAIN, META_LSTM, SNAIL_LEARNER),
-        *(PROTONET, MATCHING, SIAMESE),
+        *(PROTONET, MATCHING, SIAMESE, BASELINE, BASELINEPP, METABASELINE),
     )
 }
 
@@ -47,6 +48,7 @@ __all__ = [
     "imaml_step",
     "imaml_adapt",
     "conjugate_gradient",
+    "fit_heads",
     "task_losses",
     "msl_weights",
     "MAMLOutput",

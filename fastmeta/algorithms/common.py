@@ -153,6 +153,10 @@ class Learner:
     built_for: episode settings its model is built for ("n_way", "k_shot"), each with why: eval refuses others.
     renamed: options renamed since checkpoints were written, old name -> new (old checkpoints load; the old
         flag is an error that names the new one).
+    batches: what it trains on: "episodes" (TaskBatch meta-batches) or "classes" (fastmeta.data.LabeledBatch
+        mini-batches of `config.batch_size` examples of every training class, the pretrained baselines).
+    initialize(config, model, aux): once, before a new run's first step (not on --resume), e.g. loading a
+        pretrained backbone.
     """
 
     name: str
@@ -171,6 +175,12 @@ class Learner:
     after_step: Callable[[Settings, nn.Module], None] | None = None
     built_for: dict[str, str] = field(default_factory=dict)
     renamed: dict[str, str] = field(default_factory=dict)
+    batches: str = "episodes"
+    initialize: Callable[[Settings, nn.Module, nn.Module | None], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.batches not in ("episodes", "classes"):
+            raise ValueError(f"learner {self.name}: batches must be 'episodes' or 'classes', got {self.batches!r}")
 
     def option(self, name: str) -> Option | None:
         return next((o for o in self.options if o.name == name), None)

@@ -3,16 +3,18 @@ episode sampler that makes them from labelled data, Omniglot, the sinusoid task 
 few-shot papers report on (mini-ImageNet, CIFAR-FS, FC100, CUB-200-2011, image folders) in their distributed
 layouts; DATASETS: every dataset a run can use, with its traits (fastmeta.data.registry)."""
 
-from fastmeta.data.episodes import EpisodeSampler, shard_range
+from fastmeta.data.episodes import ClassBatches, EpisodeSampler, shard_range
 from fastmeta.data.fewshot import FEWSHOT, EpisodeTransform, FewShotDataset, FewShotSplit, load_fewshot
 from fastmeta.data.omniglot import Omniglot, load_omniglot, omniglot_split
 from fastmeta.data.registry import DATASETS, DatasetSpec, register_dataset
 from fastmeta.data.sinusoid import SinusoidTasks
-from fastmeta.data.tasks import TaskBatch
+from fastmeta.data.tasks import LabeledBatch, TaskBatch
 
 __all__ = [
     "TaskBatch",
+    "LabeledBatch",
     "EpisodeSampler",
+    "ClassBatches",
     "SinusoidTasks",
     "Omniglot",
     "load_omniglot",

@@ -1,4 +1,5 @@
-"""Episodes: N-way K-shot tasks with Q queries per class, drawn from any labelled data, batched into TaskBatch."""
+"""Episodes: N-way K-shot tasks with Q queries per class, drawn from any labelled data, batched into TaskBatch;
+and ClassBatches, ordinary shuffled mini-batches of the same data (the pretrained baselines' first stage)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from fastmeta.data.tasks import TaskBatch
+from fastmeta.data.tasks import LabeledBatch, TaskBatch
 
-__all__ = ["EpisodeSampler", "shard_range"]
+__all__ = ["EpisodeSampler", "ClassBatches", "shard_range"]
 
 
 class EpisodeSampler(torch.utils.data.Dataset):
@@ -128,6 +129,65 @@ class EpisodeSampler(torch.utils.data.Dataset):
         if self.transform is not None:  # its own stream: the draws above are the same with or without it
             x = self.transform(x, torch.Generator().manual_seed(transform_seed))
         return x
+
+
+class ClassBatches(torch.utils.data.Dataset):
+    """Item i is a LabeledBatch of `batch_size` examples of a class-major tensor (C, E, *x) with their class
+    indices 0..C-1: epoch e = i // (steps per epoch) visits every example once in an order drawn from (seed, e)
+    alone, in batches of batch_size (the remainder of each epoch is left out), so item i depends only on
+    (seed, i) and a resumed run sees the same batches. uint8 images are scaled to [0, 1] floats; `transform`
+    as in EpisodeSampler, applied to the batch (B, *x) with a generator seeded by (seed, i).
+
+    class_sizes: class c's examples are data[c, :class_sizes[c]] (the rest is padding). shard: (rank,
+    world_size): this process's contiguous part of every batch (the union over the ranks is the batch)."""
+
+    def __init__(
+        self,
+        data: Tensor,
+        batch_size: int,
+        seed: int = 0,
+        length: int = 10**6,
+        shard: tuple[int, int] = (0, 1),
+        class_sizes: Sequence[int] | Tensor | None = None,
+        transform: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+    ) -> None:
+        if not isinstance(data, Tensor) or data.dim() < 2:
+            raise ValueError(f"ClassBatches: data must be a class-major tensor (C, E, ...), got {_shape_of(data)}")
+        sizes = [data.shape[1]] * data.shape[0] if class_sizes is None else [int(n) for n in class_sizes]
+        if len(sizes) != data.shape[0] or not all(0 <= n <= data.shape[1] for n in sizes):
+            raise ValueError(
+                f"ClassBatches: class_sizes must give each of the {data.shape[0]} classes a size in [0, "
+                f"{data.shape[1]}], got {len(sizes)} sizes"
+            )
+        total = sum(sizes)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= total:
+            raise ValueError(f"ClassBatches: batch_size must be an integer in [1, {total}], got {batch_size!r}")
+        self.data, self.batch_size, self.seed, self.length, self.transform = data, batch_size, seed, length, transform
+        self.part = shard_range(batch_size, *shard)
+        self.share = len(self.part) / batch_size
+        self.num_classes = len(sizes)
+        self.classes = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))  # (total,)
+        starts = torch.tensor([0, *sizes[:-1]]).cumsum(0)
+        self.within = torch.arange(total) - starts[self.classes]  # each example's index in its class
+        self.steps_per_epoch = total // batch_size
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> LabeledBatch:
+        epoch, step = divmod(i, self.steps_per_epoch)
+        order = torch.randperm(len(self.classes), generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
+        pick = order[step * self.batch_size : (step + 1) * self.batch_size][self.part.start : self.part.stop]
+        c, e = self.classes[pick], self.within[pick]
+        x = self.data[c, e]
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.clone()
+        if self.transform is not None:
+            x = self.transform(x, torch.Generator().manual_seed(_mix(_mix(self.seed, i), 2)))
+        return LabeledBatch(x, c)
+
+
+def _shape_of(data: object) -> str:
+    return f"shape {tuple(data.shape)}" if isinstance(data, Tensor) else type(data).__name__
 
 
 def _labels(data: torch.utils.data.Dataset) -> Sequence:

@@ -54,7 +54,7 @@ from torch import Tensor
 
 from fastmeta.data import cache
 from fastmeta.data.decoding import _build, _code_version, _from_cache
-from fastmeta.data.episodes import EpisodeSampler
+from fastmeta.data.episodes import ClassBatches, EpisodeSampler
 from fastmeta.data.layouts import _CIFARFS, _CUB, _FC100, _FOLDER, _MINI_CSV, _MINI_PICKLE, PARTS, _find, _Layout
 
 __all__ = [
@@ -146,6 +146,17 @@ class FewShotDataset:
             split.images, n_way, k_shot, n_query, tasks, seed, length, shard, class_sizes=split.counts,
             transform=transform,
         )  # fmt: skip
+
+    def batches(
+        self, part: str, batch_size: int, seed: int = 0, augment: bool = False, shard: tuple[int, int] = (0, 1)
+    ) -> ClassBatches:
+        """Shuffled mini-batches of every image of `part` with its class index (ClassBatches), normalised and
+        augmented as `episodes` does."""
+        if augment and part not in TRAINING:
+            raise ValueError(f"augment is for the training parts ({', '.join(TRAINING)}), not {part!r}")
+        split = self.part(part)
+        transform = EpisodeTransform(self.mean, self.std, self.augment_padding if augment else None)
+        return ClassBatches(split.images, batch_size, seed, shard=shard, class_sizes=split.counts, transform=transform)
 
 
 class EpisodeTransform:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastmeta.data.episodes import EpisodeSampler
+from fastmeta.data.episodes import ClassBatches, EpisodeSampler
 from fastmeta.data.fewshot import FEWSHOT, TRAINING, DatasetInfo, load_fewshot
 from fastmeta.data.omniglot import load_omniglot, omniglot_split
 from fastmeta.data.sinusoid import SinusoidTasks
@@ -28,6 +28,9 @@ DOMAINS = ("functions", "characters", "natural")
 Settings = Any  # a fastmeta.train.RunConfig, read for data, image_size, split, augment, n_query, meta_batch
 # (settings, part, n_way, k_shot, seed, shard) -> episodes indexed by step (each a TaskBatch of meta_batch tasks)
 Episodes = Callable[[Settings, str, int, int, int, "tuple[int, int]"], Any]
+# (settings, part, batch_size, seed, shard) -> ClassBatches: ordinary mini-batches of the part's examples with
+# their class indices (the pretrained baselines' first stage)
+Batches = Callable[[Settings, str, int, int, "tuple[int, int]"], ClassBatches]
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,8 @@ class DatasetSpec:
     defaults: run settings of its own (Finn et al.'s, with fewer iterations). reads: the run settings only some
     datasets read that this one does (an error for the others). episodes: see `Episodes`. baseline: the learner
     a run's test is compared with, where a run of it sits beside it. fewshot: the image-dataset description
-    (layouts, class counts) for the datasets of fastmeta.data.fewshot.
+    (layouts, class counts) for the datasets of fastmeta.data.fewshot. batches: see `Batches` (None: the
+    dataset has no classes to pretrain on).
     """
 
     name: str
@@ -52,6 +56,7 @@ class DatasetSpec:
     reads: tuple[str, ...] = ()
     baseline: str | None = None
     fewshot: DatasetInfo | None = None
+    batches: Batches | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -88,24 +93,42 @@ def _sinusoid(config: Settings, part: str, n_way: int, k_shot: int, seed: int, s
     return SinusoidTasks(k_shot, config.n_query, config.meta_batch, seed=seed, shard=shard)
 
 
-def _omniglot(config: Settings, part: str, n_way: int, k_shot: int, seed: int, shard: tuple[int, int]):  # noqa: ANN202
+def _omniglot_part(config: Settings, part: str):  # noqa: ANN202
     if config.data is None:
         raise FileNotFoundError(
             "omniglot needs --data PATH: a folder with omniglot-py/images_background/ and images_evaluation/ "
             "(torchvision's layout), or with images_background.zip and images_evaluation.zip"
         )
-    images = omniglot_split(load_omniglot(config.data, config.image_size), config.split, part)
+    return omniglot_split(load_omniglot(config.data, config.image_size), config.split, part)
+
+
+def _omniglot(config: Settings, part: str, n_way: int, k_shot: int, seed: int, shard: tuple[int, int]):  # noqa: ANN202
+    images = _omniglot_part(config, part)
     return EpisodeSampler(images, n_way, k_shot, config.n_query, config.meta_batch, seed=seed, shard=shard)
+
+
+def _omniglot_batches(config: Settings, part: str, batch_size: int, seed: int, shard: tuple[int, int]):  # noqa: ANN202
+    return ClassBatches(_omniglot_part(config, part), batch_size, seed, shard=shard)
+
+
+def _fewshot_data(config: Settings):  # noqa: ANN202
+    info = FEWSHOT[config.dataset]
+    if config.data is None:
+        layouts = "; or ".join(layout.expects for layout in info.layouts)
+        raise FileNotFoundError(f"{config.dataset} needs --data PATH: the folder with {layouts}")
+    return load_fewshot(config.dataset, config.data, config.image_size)
+
+
+def _fewshot_batches(config: Settings, part: str, batch_size: int, seed: int, shard: tuple[int, int]):  # noqa: ANN202
+    return _fewshot_data(config).batches(
+        part, batch_size, seed, augment=config.augment and part in TRAINING, shard=shard
+    )
 
 
 def _fewshot(config: Settings, part: str, n_way: int, k_shot: int, seed: int, shard: tuple[int, int]):  # noqa: ANN202
     """The image datasets of fastmeta.data.fewshot: RGB episodes normalised by the train split's mean and std,
     augmented (--augment) only in the training parts."""
-    info = FEWSHOT[config.dataset]
-    if config.data is None:
-        layouts = "; or ".join(layout.expects for layout in info.layouts)
-        raise FileNotFoundError(f"{config.dataset} needs --data PATH: the folder with {layouts}")
-    data = load_fewshot(config.dataset, config.data, config.image_size)
+    data = _fewshot_data(config)
     augment = config.augment and part in TRAINING
     return data.episodes(part, n_way, k_shot, config.n_query, config.meta_batch, seed, augment=augment, shard=shard)
 
@@ -125,6 +148,7 @@ register_dataset(
         defaults=dict(n_way=5, k_shot=1, n_query=5, meta_batch=32, meta_lr=1e-3, iterations=20000, val_every=500,
                       val_episodes=8),
         reads=("data", "split", "n_way", "backbone", "image_size"),
+        batches=_omniglot_batches,
     )
 )  # fmt: skip
 # mini-ImageNet, CIFAR-FS, FC100, CUB-200-2011, image folders: the standard 5-way episodes with 15 queries a class;
@@ -137,5 +161,6 @@ for _info in FEWSHOT.values():
                           val_every=1000, val_episodes=25),
             reads=("data", "n_way", "backbone", "image_size", "augment"),
             fewshot=_info,
+            batches=_fewshot_batches,
         )
     )  # fmt: skip

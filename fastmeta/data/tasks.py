@@ -1,4 +1,5 @@
-"""TaskBatch: T tasks stacked along a leading dimension."""
+"""TaskBatch: T tasks stacked along a leading dimension; LabeledBatch: an ordinary mini-batch of examples and their
+classes (the pretraining stage of the baselines)."""
 
 from __future__ import annotations
 
@@ -88,3 +89,38 @@ class TaskBatch:
         """The batch in page-locked host memory (CPU tensors), from which `.to("cuda", non_blocking=True)`
         copies without making the host wait for the GPU."""
         return TaskBatch(*(t.pin_memory() for t in self._tensors))
+
+
+@dataclass(frozen=True)
+class LabeledBatch:
+    """An ordinary mini-batch: x (B, *x) examples and y (B,) their class indices over all the classes of a
+    split (not an episode's 0..n_way-1), as the pretrained baselines train on."""
+
+    x: Tensor
+    y: Tensor
+
+    def __post_init__(self) -> None:
+        for name in ("x", "y"):
+            if not isinstance(getattr(self, name), Tensor):
+                raise TypeError(f"LabeledBatch: {name} must be a tensor, got {type(getattr(self, name)).__name__}")
+        if self.x.dim() < 1 or self.y.dim() != 1 or self.y.is_floating_point() or self.y.shape[0] != self.x.shape[0]:
+            raise ValueError(
+                f"LabeledBatch: x must be (B, ...) and y (B,) class indices, got x {tuple(self.x.shape)} and y "
+                f"{self.y.dtype} {tuple(self.y.shape)}"
+            )
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None, non_blocking: bool = False
+    ) -> LabeledBatch:
+        """The batch on `device`, x cast to `dtype` (the labels keep theirs)."""
+        return LabeledBatch(
+            self.x.to(device=device, dtype=dtype, non_blocking=non_blocking),
+            self.y.to(device=device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> LabeledBatch:
+        return LabeledBatch(self.x.pin_memory(), self.y.pin_memory())

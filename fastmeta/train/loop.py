@@ -131,6 +131,8 @@ def train(
     run = _Run(config, out, model, aux, optimizer(params, lr=config.meta_lr), size)
     if resume:
         _resume(run, lead=rank == 0)
+    elif config.learner.initialize is not None:
+        config.learner.initialize(config, model, aux)
     for module in (model, aux):
         if module is not None:
             distributed.broadcast_parameters(module)  # every process starts from rank 0's weights
@@ -180,8 +182,9 @@ def _loop(run: _Run, rank: int, device: str | torch.device, time_limit: float | 
     """Meta-steps from run.start to config.iterations (or the time limit), validating and checkpointing every
     val_every steps on rank 0. Returns the last validation result."""
     config, size, lead = run.config, run.world_size, rank == 0
-    share = len(distributed.shard_range(config.meta_batch, rank, size)) / config.meta_batch
     train_set = datasets(config, "train", shard=(rank, size))
+    # this process's fraction of each batch: of the meta-batch's tasks, or of a class batch's examples
+    share = getattr(train_set, "share", len(distributed.shard_range(config.meta_batch, rank, size)) / config.meta_batch)
     val_set = datasets(config, "val") if lead else None
     deadline = None if time_limit is None else time.time() + 60 * time_limit
     progress = _Progress(run.start, config.iterations) if lead else None
