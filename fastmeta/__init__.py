@@ -13,6 +13,7 @@ from fastmeta.algorithms import (
     InnerLR,
     MAMLOutput,
     MetaSGDLR,
+    PerStepBN,
     ReptileOutput,
     adapt,
     imaml_adapt,
@@ -48,6 +49,7 @@ __all__ = [
     "Adam",
     "MetaSGDLR",
     "LSLR",
+    "PerStepBN",
     "msl_weights",
 ]
 

@@ -3,10 +3,10 @@
 from fastmeta.algorithms.baselines import BASELINE, BASELINEPP, METABASELINE, fit_heads
 from fastmeta.algorithms.common import ClassificationOutput, Learner, Option, ProtoOutput
 from fastmeta.algorithms.imaml import IMAML, conjugate_gradient, imaml_adapt, imaml_step
-from fastmeta.algorithms.inner import LSLR, InnerLR, MAMLOutput, MetaSGDLR, task_losses
+from fastmeta.algorithms.inner import LSLR, InnerLR, MAMLOutput, MetaSGDLR, PerStepBN, task_losses
 from fastmeta.algorithms.inner_opt import SGD, Adam, InnerOptimizer
 from fastmeta.algorithms.maml import AdaptedModel, adapt, maml_step, msl_weights
-from fastmeta.algorithms.maml_learners import ANIL, FOMAML, MAML, METASGD, PRETRAIN
+from fastmeta.algorithms.maml_learners import ANIL, FOMAML, MAML, MAMLPP, METASGD, PRETRAIN
 from fastmeta.algorithms.matching import MATCHING, FullContextEmbedding, matching_log_probs, matching_step
 from fastmeta.algorithms.meta_lstm import META_LSTM, MetaLSTM, meta_lstm_step
 from fastmeta.algorithms.protonet import PROTONET, protonet_logits, protonet_step
@@ -19,7 +19,7 @@ from fastmeta.algorithms.snail import SNAIL, SNAIL_LEARNER, snail_step
 LEARNERS: dict[str, Learner] = {
     learner.name: learner
     for learner in (
-        *(MAML, FOMAML, METASGD, ANIL, IMAML, REPTILE, PRETRAIN, META_LSTM, SNAIL_LEARNER),
+        *(MAML, FOMAML, METASGD, ANIL, MAMLPP, IMAML, REPTILE, PRETRAIN, META_LSTM, SNAIL_LEARNER),
         *(PROTONET, MATCHING, SIAMESE, BASELINE, BASELINEPP, METABASELINE),
     )
 }
@@ -56,6 +56,7 @@ __all__ = [
     "InnerLR",
     "MetaSGDLR",
     "LSLR",
+    "PerStepBN",
     "SGD",
     "Adam",
     "InnerOptimizer",

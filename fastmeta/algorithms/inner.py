@@ -25,7 +25,7 @@ from fastmeta.algorithms._batched import BatchedModel, LoopModel, VmapModel, run
 from fastmeta.algorithms.inner_opt import SGD, InnerOptimizer, InnerState
 
 __all__ = [
-    "InnerLoop", "PreparedLoop", "MAMLOutput", "InnerLR", "MetaSGDLR", "LSLR", "LossFn", "AdaptParams",
+    "InnerLoop", "PreparedLoop", "MAMLOutput", "InnerLR", "MetaSGDLR", "LSLR", "PerStepBN", "LossFn", "AdaptParams",
     "task_losses", "adapted_names",
 ]  # fmt: skip
 
@@ -116,13 +116,49 @@ class LSLR(InnerLR):
         return list(self.lrs[min(step, self.lrs.shape[0] - 1)].unbind(0))
 
 
+class PerStepBN(nn.Module):
+    """MAML++'s per-step batch-norm weights and biases (BNWB; Antoniou et al. 2019): every BatchNorm layer of
+    `model` gets its affine weight and bias once per inner step, `rows` (inner_steps, C) each, initialised from
+    the layer's own. They are meta-learned (train them with the meta-optimiser) and do not adapt in the inner
+    loop: inner step s's support forward, and the query forward after it, use row s; steps past `inner_steps` (a
+    longer adaptation at test) the last row. The layer's own weight and bias are then unused. (MAML++'s per-step
+    running statistics, BNRS, change nothing here: their code normalises with batch statistics at every step,
+    training and test, as fastmeta's inner loop does, and only tracks the running ones.)"""
+
+    def __init__(self, model: nn.Module, inner_steps: int) -> None:
+        super().__init__()
+        check_int("PerStepBN: inner_steps", inner_steps, 1)
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.names = [f"{n}.{w}" for n, m in layers if m.affine for w in ("weight", "bias")]
+        if not self.names:
+            raise ValueError("PerStepBN: the model has no BatchNorm layer with affine weights")
+        params = dict(model.named_parameters())
+        self.rows = nn.ParameterList(
+            [nn.Parameter(params[n].detach().unsqueeze(0).repeat(inner_steps, 1).clone()) for n in self.names]
+        )
+        self.inner_steps = inner_steps
+
+    def forward(self, step: int) -> dict[str, Tensor]:
+        """name -> the (C,) weight or bias that inner step `step` (0-based) uses."""
+        i = min(max(step, 0), self.inner_steps - 1)
+        return {n: r[i] for n, r in zip(self.names, self.rows)}
+
+    def check(self, fn: str, model: nn.Module) -> None:
+        """Raises naming `fn` unless these rows were made for `model`'s BatchNorm layers."""
+        params = dict(model.named_parameters())
+        wrong = [n for n, r in zip(self.names, self.rows) if n not in params or r.shape[1:] != params[n].shape]
+        if wrong:
+            raise ValueError(f"{fn}: per_step_bn was made for another model (its {wrong[0]!r} is not this model's)")
+
+
 @dataclass(frozen=True)
 class InnerLoop:
     """How each task adapts: `inner_steps` steps fast_weights <- fast_weights - inner_lr * grad of `loss_fn` on
     its support set, for the parameters `adapt_params` selects, the model run by `strategy` (the arguments of
     maml_step, adapt and reptile_step; see maml_step). first_order: the inner gradients are constants (FOMAML).
-    inner_opt: the update rule (None: plain SGD; `fastmeta.SGD` with momentum, `fastmeta.Adam`).
-    Checks inner_steps and inner_opt on creation; `prepare` checks the rest against a model."""
+    inner_opt: the update rule (None: plain SGD; `fastmeta.SGD` with momentum, `fastmeta.Adam`). per_step_bn:
+    MAML++'s per-step BatchNorm weights (`PerStepBN`; then those layers' weights do not adapt). Checks
+    inner_steps and inner_opt on creation; `prepare` checks the rest against a model."""
 
     inner_lr: float | InnerLR = 0.4
     inner_steps: int = 1
@@ -131,9 +167,12 @@ class InnerLoop:
     adapt_params: AdaptParams = None
     strategy: str = "auto"
     inner_opt: InnerOptimizer | None = None
+    per_step_bn: PerStepBN | None = None
 
     def __post_init__(self) -> None:
         check_int("inner_steps", self.inner_steps, 0)
+        if self.per_step_bn is not None and not isinstance(self.per_step_bn, PerStepBN):
+            raise TypeError(f"per_step_bn must be None or a fastmeta.PerStepBN, got {type(self.per_step_bn).__name__}")
         if self.inner_opt is not None and not isinstance(self.inner_opt, InnerOptimizer):
             raise TypeError(
                 "inner_opt must be None, fastmeta.SGD(...) or fastmeta.Adam(...), got "
@@ -145,7 +184,10 @@ class InnerLoop:
     def prepare(self, fn: str, model: nn.Module, x: Tensor) -> PreparedLoop:
         """This loop on `model`, for tasks on x's device; `fn` names the caller in error messages. (Call it from
         the public function itself: the runner's warning about an unbatched model points two frames above.)"""
-        inner_lr = self.inner_lr
+        inner_lr, bn = self.inner_lr, self.per_step_bn
+        per_step = set() if bn is None else set(bn.names)
+        if bn is not None:
+            bn.check(fn, model)
         if isinstance(inner_lr, InnerLR):
             adapted = adapted_names(model, inner_lr.names if self.adapt_params is None else self.adapt_params)
             if adapted != inner_lr.names:
@@ -154,24 +196,36 @@ class InnerLoop:
                 )
             lr_of: Callable[[int], LearningRate] = inner_lr
         elif isinstance(inner_lr, (int, float)) and not isinstance(inner_lr, bool):
-            adapted = adapted_names(model, self.adapt_params)
+            selects = self.adapt_params
+            if selects is None and per_step:  # every parameter that requires grad but the per-step ones
+                grads = {n for n, p in model.named_parameters() if p.requires_grad}
+                selects = lambda n: n in grads and n not in per_step  # noqa: E731
+            adapted = adapted_names(model, selects)
             lr = float(inner_lr)
             lr_of = lambda s: lr  # noqa: E731
         else:
             raise TypeError(f"{fn}: inner_lr must be a number or an InnerLR module, got {type(inner_lr).__name__}")
+        both = per_step.intersection(adapted)
+        if both:
+            raise ValueError(
+                f"{fn}: with per_step_bn the BatchNorm weights are per step and meta-learned, not adapted, but "
+                f"{sorted(both)[0]!r} is selected to adapt (adapt_params or inner_lr's parameters)"
+            )
         params = dict(model.named_parameters())
         p0 = params[adapted[0]]
         if x.device != p0.device:
             raise ValueError(f"{fn}: the tasks are on {x.device} but the model's parameters are on {p0.device}")
         run = runner(model, self.strategy)
-        return PreparedLoop(self, run, params, adapted, lr_of, run.split(set(adapted)))
+        # layers that read a per-step weight run at every step, as the adapted ones do
+        return PreparedLoop(self, run, params, adapted, lr_of, run.split(set(adapted) | per_step), bn)
 
 
 @dataclass(frozen=True)
 class PreparedLoop:
     """An InnerLoop ready to run on one model: its runner, its parameters (name -> tensor, as in the model),
     the names of those that adapt (in the model's order), the rate of each step, and `start`: the layers :start
-    use no adapted parameter (ANIL's body), so they run once, not at every step."""
+    use no adapted parameter (ANIL's body), so they run once, not at every step. step_params(s): the parameters
+    that differ by inner step (MAML++'s per-step BatchNorm weights), name -> tensor, or None."""
 
     loop: InnerLoop
     run: Runner
@@ -179,13 +233,23 @@ class PreparedLoop:
     adapted: list[str]
     lr_of: Callable[[int], LearningRate]
     start: int
+    step_params: Callable[[int], dict[str, Tensor]] | None = None
+
+    def params_at(self, step: int | None = None) -> dict[str, Tensor]:
+        """The parameters inner step `step` (0-based; None: the last) computes with, before the fast weights."""
+        if self.step_params is None:
+            return self.params
+        return {**self.params, **self.step_params(self.loop.inner_steps - 1 if step is None else step)}
 
     def detached(self) -> PreparedLoop:
         """The same loop with the parameters and the learned rates detached (an inner loop without a graph)."""
-        lr_of = self.lr_of
+        lr_of, step_params = self.lr_of, self.step_params
         if isinstance(self.loop.inner_lr, InnerLR):
             lr_of = lambda s: [lr.detach() for lr in self.lr_of(s)]  # noqa: E731
-        return replace(self, params={n: p.detach() for n, p in self.params.items()}, lr_of=lr_of)
+        if step_params is not None:
+            step_params = lambda s: {n: p.detach() for n, p in self.step_params(s).items()}  # noqa: E731
+        params = {n: p.detach() for n, p in self.params.items()}
+        return replace(self, params=params, lr_of=lr_of, step_params=step_params)
 
     def features(self, x: Tensor) -> object:
         """The input of the adapted layers for x (T, N, *x): the output of layers :start (x itself if none)."""
@@ -205,11 +269,15 @@ class PreparedLoop:
         tensors = [p for p in self.params.values() if p.requires_grad]
         if isinstance(self.loop.inner_lr, InnerLR):
             tensors += [p for p in self.loop.inner_lr.parameters() if p.requires_grad]
+        if self.loop.per_step_bn is not None:
+            tensors += [p for p in self.loop.per_step_bn.parameters() if p.requires_grad]
         return tensors
 
-    def predict(self, fast: list[Tensor], feat: object) -> Tensor:
-        """(T, N, ...) predictions from the features `feat` (see `features`) with fast weights `fast`."""
-        return tasks_first(self.run({**self.params, **dict(zip(self.adapted, fast))}, feat, self.start))
+    def predict(self, fast: list[Tensor], feat: object, step: int | None = None) -> Tensor:
+        """(T, N, ...) predictions from the features `feat` (see `features`) with fast weights `fast`, those after
+        inner step `step` (0-based; None: the last; it picks the per-step parameters)."""
+        p = {**self.params_at(step), **dict(zip(self.adapted, fast))}
+        return tasks_first(self.run(p, feat, self.start))
 
 
 def _step(
@@ -232,7 +300,7 @@ def _step(
     with torch.enable_grad():
         inputs = [f if f.dim() > at.params[n].dim() else f.expand(T, *f.shape) for n, f in zip(at.adapted, fast)]
         inputs = [i if i.requires_grad else i.detach().requires_grad_() for i in inputs]
-        pred = at.run({**at.params, **dict(zip(at.adapted, inputs))}, feat, at.start, twice=create_graph)
+        pred = at.run({**at.params_at(s), **dict(zip(at.adapted, inputs))}, feat, at.start, twice=create_graph)
         losses = task_losses(at.loop.loss_fn, tasks_first(pred), y)
         grads = torch.autograd.grad(
             losses.sum(), inputs, create_graph=create_graph, allow_unused=True, materialize_grads=True

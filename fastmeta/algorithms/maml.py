@@ -25,6 +25,7 @@ from fastmeta.algorithms.inner import (
     InnerLR,
     LossFn,
     MAMLOutput,
+    PerStepBN,
     PreparedLoop,
     Runner,
     _step,
@@ -100,6 +101,7 @@ def maml_step(
     strategy: str = "auto",
     recompute: int | str | tuple[str, int] | None = None,
     inner_opt: InnerOptimizer | None = None,
+    per_step_bn: PerStepBN | None = None,
 ) -> MAMLOutput:
     """One meta-step of MAML over the T tasks of `batch`: adapt to each support set, evaluate on its query set.
 
@@ -142,13 +144,16 @@ def maml_step(
             nesterov=False)` or `fastmeta.Adam(betas=(0.9, 0.999), eps=1e-8)`, torch.optim's rules with
             inner_lr as their lr and each task's own state; differentiable like the plain step. (Not with
             recompute="steps" yet.)
+        per_step_bn: MAML++'s per-step BatchNorm weights and biases, a `fastmeta.PerStepBN(model, inner_steps)`
+            (train its parameters with the meta-optimiser): inner step s and the query after it use its row s,
+            and the BatchNorm weights do not adapt (adapt_params defaults to every other parameter).
 
     Returns: a `MAMLOutput` (loss, (T,) task_losses, accuracy, (T, inner_steps) support_losses, predictions,
         fast_weights).
     """
     if not isinstance(batch, TaskBatch):
         raise TypeError(f"maml_step: batch must be a fastmeta.TaskBatch, got {type(batch).__name__}")
-    loop = InnerLoop(inner_lr, inner_steps, first_order, loss_fn, adapt_params, strategy, inner_opt)
+    loop = InnerLoop(inner_lr, inner_steps, first_order, loss_fn, adapt_params, strategy, inner_opt, per_step_bn)
     weights = _step_weights(multi_step_weights, inner_steps)
     sweep, chunk = parse_recompute(recompute)
     if sweep and loop.inner_opt is not None:
@@ -187,6 +192,7 @@ def adapt(
     adapt_params: Iterable[str] | Callable[[str], bool] | None = None,
     strategy: str = "auto",
     inner_opt: InnerOptimizer | None = None,
+    per_step_bn: PerStepBN | None = None,
 ) -> AdaptedModel:
     """Adapt `model` to T tasks (meta-testing): `inner_steps` steps on each support set (T, Ns, *x), (T, Ns, ...).
 
@@ -195,8 +201,9 @@ def adapt(
     """
     TaskBatch(support_x, support_y, support_x, support_y)  # shape checks
     loop = InnerLoop(
-        inner_lr, inner_steps, loss_fn=loss_fn, adapt_params=adapt_params, strategy=strategy, inner_opt=inner_opt
-    )
+        inner_lr, inner_steps, loss_fn=loss_fn, adapt_params=adapt_params, strategy=strategy, inner_opt=inner_opt,
+        per_step_bn=per_step_bn,
+    )  # fmt: skip
     return adapt_prepared(loop.prepare("adapt", model, support_x), support_x, support_y)
 
 
@@ -212,4 +219,4 @@ def adapt_prepared(at: PreparedLoop, support_x: Tensor, support_y: Tensor, lam: 
         T = support_x.shape[0]
         fast_weights = _per_task_weights(at.params, at.adapted, fast, T)
         support_losses = torch.stack(losses, 1) if losses else support_x.new_zeros(T, 0)
-    return AdaptedModel(at.run, at.params, fast_weights, at.start, support_losses)
+    return AdaptedModel(at.run, at.params_at(None), fast_weights, at.start, support_losses)

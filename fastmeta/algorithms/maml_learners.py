@@ -1,5 +1,5 @@
-"""The declarations of MAML (second order), first-order MAML, Meta-SGD and the joint-training baseline: how
-fastmeta.train builds, trains and tests each (the algorithm itself is in fastmeta.algorithms.maml)."""
+"""The declarations of MAML (second order), first-order MAML, Meta-SGD, ANIL, MAML++ and the joint-training
+baseline: how fastmeta.train builds, trains and tests each (the algorithm itself is in fastmeta.algorithms.maml)."""
 
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ from fastmeta.algorithms.common import (
     zero_head,
     zero_head_after_step,
 )
-from fastmeta.algorithms.inner import MAMLOutput, MetaSGDLR
+from fastmeta.algorithms.inner import LSLR, MAMLOutput, MetaSGDLR, PerStepBN
 from fastmeta.algorithms.inner_opt import inner_opt_of
-from fastmeta.algorithms.maml import adapt, maml_step
+from fastmeta.algorithms.maml import adapt, maml_step, msl_weights
 from fastmeta.data import TaskBatch
 
 __all__ = [
-    "MAML", "FOMAML", "METASGD", "ANIL", "PRETRAIN", "GRADIENT_OPTIONS", "RECOMPUTE", "recompute_of",
-    "predict_by_adapting", "build_with_head",
+    "MAML", "FOMAML", "METASGD", "ANIL", "MAMLPP", "PRETRAIN", "GRADIENT_OPTIONS", "RECOMPUTE", "recompute_of",
+    "predict_by_adapting", "build_with_head", "mamlpp_settings", "MAMLPPState",
 ]  # fmt: skip
 
 # What a learner that adapts a network with a head by gradient steps reads.
@@ -167,4 +167,88 @@ PRETRAIN = Learner(
     objective=_pretrain,
     predict=predict_by_adapting,
     tasks=("regression",),
+)
+
+
+# --- MAML++ (Antoniou et al. 2019) ---------------------------------------------------------------------------
+
+
+class MAMLPPState(nn.Module):
+    """What MAML++ learns beside the model (a run's `aux`): `lslr`, per-layer per-step inner rates of the
+    parameters that adapt, and `bn`, per-step BatchNorm weights and biases (`PerStepBN`); and `iteration`, the
+    meta-steps taken (the annealing schedules read it; saved with the weights, kept on the host)."""
+
+    def __init__(self, model: nn.Module, inner_steps: int, init_lr: float) -> None:
+        super().__init__()
+        self.bn = PerStepBN(model, inner_steps)
+        adapted = [n for n, p in model.named_parameters() if p.requires_grad and n not in self.bn.names]
+        self.lslr = LSLR(model, inner_steps, init_lr, params=adapted)
+        self.iteration = 0
+
+    def get_extra_state(self) -> dict:
+        return {"iteration": self.iteration}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.iteration = int(state["iteration"])
+
+
+def mamlpp_settings(
+    inner_steps: int, iteration: int, epoch_iterations: int, first_order_epochs: int, msl_epochs: int
+) -> tuple[bool, Tensor | None]:
+    """MAML++'s annealing at meta-step `iteration` (epochs of `epoch_iterations` meta-steps): (first order?,
+    multi-step loss weights (inner_steps,) or None). Derivative-order annealing: first order during the first
+    `first_order_epochs` epochs; the multi-step loss (`msl_weights`) during the first `msl_epochs`, then the
+    final query loss alone."""
+    epoch = iteration // epoch_iterations
+    msl = msl_weights(inner_steps, epoch, msl_epochs) if epoch < msl_epochs and inner_steps > 1 else None
+    return epoch < first_order_epochs, msl
+
+
+def _build_mamlpp(config: Settings, backbone: nn.Module) -> tuple[nn.Module, nn.Module]:
+    return backbone, MAMLPPState(backbone, config.inner_steps, config.inner_lr)
+
+
+def _mamlpp(config: Settings, model: nn.Module, aux: MAMLPPState, batch: TaskBatch) -> MAMLOutput:
+    args = (config.inner_steps, aux.iteration, config.epoch_iterations, config.first_order_epochs, config.msl_epochs)
+    first_order, msl = mamlpp_settings(*args)
+    aux.iteration += 1
+    return maml_step(
+        model, batch, aux.lslr, config.inner_steps, first_order, config.loss_fn, multi_step_weights=msl,
+        per_step_bn=aux.bn, recompute=recompute_of(config.recompute),
+    )  # fmt: skip
+
+
+def _mamlpp_predict(config: Settings, model: nn.Module, aux: MAMLPPState, batch: TaskBatch, steps: int) -> Tensor:
+    adapted = adapt(model, batch.support_x, batch.support_y, aux.lslr, steps, config.loss_fn, per_step_bn=aux.bn)
+    with torch.no_grad():
+        return adapted(batch.query_x)
+
+
+def _count(name: str, help: str, default: int, low: int) -> Option:  # noqa: A002
+    return Option(name, int, help, default=default, valid=lambda v: v >= low, bound=f">= {low}")
+
+
+# Defaults: MAML++'s released configurations (Omniglot: 8 tasks, rate 0.1, 5 steps; mini-ImageNet: 2 tasks,
+# rate 0.01, 5 steps, 48 filters; epochs of 500 meta-steps, the multi-step loss annealed over 10 epochs, second
+# order from the start (their first_order_to_second_order_epoch is -1), the meta rate cosine-annealed).
+MAMLPP = Learner(
+    name="mamlpp",
+    summary="MAML++ (Antoniou et al. 2019): LSLR, per-step batch-norm weights, the annealed multi-step loss, "
+    "derivative-order annealing (--first-order-epochs), cosine meta learning rate",
+    options=(
+        INNER_LR.but(default=0.1, help="the learned per-layer per-step inner rates' initial value"),
+        INNER_STEPS.but(default=5, per_domain={}),
+        EVAL_INNER_STEPS.but(default=5, per_domain={}),
+        TRAIN_SHOT,
+        RECOMPUTE,
+        _count("epoch_iterations", "meta-steps in an epoch of the annealing schedules", 500, 1),
+        _count("msl_epochs", "epochs of the multi-step loss (its weights annealed to the last step)", 10, 0),
+        _count("first_order_epochs", "epochs of first-order meta-gradients before second order", 0, 0),
+    ),
+    objective=_mamlpp,
+    predict=_mamlpp_predict,
+    build=_build_mamlpp,
+    tasks=("classification",),
+    schedule="cosine",
+    defaults={"characters": {"meta_batch": 8}, "natural": {"meta_batch": 2, "hidden": 48}},
 )

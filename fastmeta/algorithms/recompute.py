@@ -90,8 +90,8 @@ def _plain(at: PreparedLoop, batch: TaskBatch, weights: Tensor | None) -> MAMLOu
     T, S = batch.num_tasks, at.loop.inner_steps
     qfeat = at.features(batch.query_x)
 
-    def query(fast: list[Tensor]) -> tuple[Tensor, Tensor]:
-        pred = at.predict(fast, qfeat)
+    def query(fast: list[Tensor], step: int | None = None) -> tuple[Tensor, Tensor]:
+        pred = at.predict(fast, qfeat, step)
         return pred, task_losses(at.loop.loss_fn, pred, batch.query_y)
 
     create_graph = torch.is_grad_enabled() and not at.loop.first_order
@@ -101,7 +101,7 @@ def _plain(at: PreparedLoop, batch: TaskBatch, weights: Tensor | None) -> MAMLOu
         fast, losses = _step(at, sfeat, batch.support_y, s, fast, create_graph, state)
         support_losses.append(losses)
         if weights is not None and s < S - 1 and weights[s] != 0:
-            loss = float(weights[s]) * query(fast)[1].mean() + (0 if loss is None else loss)
+            loss = float(weights[s]) * query(fast, s)[1].mean() + (0 if loss is None else loss)
     pred, per_task = query(fast)
     final = per_task.mean()
     if weights is not None:
@@ -228,15 +228,22 @@ class _StepSweep:
         self.rng = RNG(batch.support_x.device)
         self.chunks = [slice(0, batch.num_tasks)] if whole_query else _query_chunks(batch, at.start)
 
-    def query(self, at: PreparedLoop, fast: list[Tensor], qfeat: object, tasks: slice) -> tuple[Tensor, Tensor]:
+    def query(
+        self, at: PreparedLoop, fast: list[Tensor], qfeat: object, tasks: slice, step: int | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(t, Nq, ...) predictions and (t,) query losses of the t tasks `tasks` (a chunk), with fast weights
-        `fast` (those tasks' (t, *S_i), or shared)."""
+        `fast` (those tasks' (t, *S_i), or shared) after inner step `step` (None: the last)."""
         x = qfeat if at.start else qfeat[tasks]  # (ANIL's features: one chunk of all tasks)
-        pred = at.predict(fast, x)
+        pred = at.predict(fast, x, step)
         return pred, task_losses(at.loop.loss_fn, pred, self.batch.query_y[tasks])
 
     def query_grads(
-        self, fast: list[Tensor] | None, weight: float, states: list | None, grad_out: Tensor | None
+        self,
+        fast: list[Tensor] | None,
+        weight: float,
+        states: list | None,
+        grad_out: Tensor | None,
+        step: int | None = None,
     ) -> tuple[Grads, Grads, Grads, Tensor, Tensor, Tensor]:
         """Differentiates weight * (the mean query loss) with fast weights `fast` ((T, *S_i) each; None: the
         parameters themselves), chunk by chunk of tasks, times `grad_out`; the random state before each chunk is
@@ -254,7 +261,7 @@ class _StepSweep:
                 states.append(self.rng.get())
             leaves = [] if fast is None else [f[c].detach().requires_grad_() for f in fast]
             inputs = leaves if fast is not None else self.at.initial()
-            pred, task_loss = self.query(self.at, inputs, self.qfeat_leaves, c)
+            pred, task_loss = self.query(self.at, inputs, self.qfeat_leaves, c, step)
             loss = weight * task_loss.sum() / T
             grads = grad(loss, leaves + self.tensors + self.qleaves, grad_out)
             for j, g in enumerate(grads[: len(leaves)]):
@@ -295,7 +302,9 @@ class _StepSweep:
                 for c in self.chunks:
                     states.append(self.rng.get())
                     part = (
-                        self.weights[s] * self.query(frozen, [f[c] for f in fast], self.qfeat, c)[1].sum() / b.num_tasks
+                        self.weights[s]
+                        * self.query(frozen, [f[c] for f in fast], self.qfeat, c, s)[1].sum()
+                        / b.num_tasks
                     )
                     loss = part if loss is None else loss + part
         with torch.enable_grad():
@@ -341,7 +350,7 @@ class _StepSweep:
 
         def query_adjoint(fast: list[Tensor], s: int) -> Grads:
             """Adds the query loss after step s (weighted) to the gradients; returns its gradient in `fast`."""
-            adj, m, q = self.query_grads(fast, self.weights[s - 1], self.query_states[s], grad_out)[:3]
+            adj, m, q = self.query_grads(fast, self.weights[s - 1], self.query_states[s], grad_out, s - 1)[:3]
             accumulate(meta, m)
             accumulate(qacc, q)
             return adj
