@@ -223,9 +223,10 @@ def test_pretraining_resumes_exactly_and_metabaseline_starts_from_its_backbone(t
 
 
 @pytest.mark.filterwarnings("ignore:mini-ImageNet in")  # the synthetic copy is a partial one
-def test_baselines_pretrain_on_the_csv_layout_of_mini_imagenet(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("backbone", ["conv4", pytest.param("resnet12", marks=pytest.mark.slow)])
+def test_baselines_pretrain_on_the_csv_layout_of_mini_imagenet(tmp_path, capsys, monkeypatch, backbone):
     """The natural-image path: class batches of a (synthetic) mini-ImageNet csv copy, normalised, and a
-    Baseline++ run with its test through the command line."""
+    Baseline++ run with its test through the command line, on either backbone."""
     monkeypatch.setenv("FASTMETA_CACHE", str(tmp_path / "cache"))
     make_mini_csv(tmp_path / "mini", classes=(6, 5, 5), n=6, size=20)
     config = RunConfig.make("miniimagenet", algo="baselinepp", data=str(tmp_path / "mini"), image_size=20)
@@ -236,6 +237,7 @@ def test_baselines_pretrain_on_the_csv_layout_of_mini_imagenet(tmp_path, capsys,
     args = ["train", "--algo", "baselinepp", "--dataset", "miniimagenet", "--data", str(tmp_path / "mini")]
     args += ["--image-size", "20", "--hidden", "8", "--iterations", "2", "--val-every", "2", "--val-episodes", "1"]
     args += ["--test-episodes", "2", "--n-query", "1", "--k-shot", "1", "--augment", "--out", str(tmp_path / "r")]
+    args += ["--backbone", backbone, "--batch-size", "4", "--eval-inner-steps", "5"]
     code, out, err = run(args, capsys)
     assert code == 0, err
     assert "test: accuracy" in out
