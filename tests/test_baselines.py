@@ -214,6 +214,8 @@ def test_pretraining_resumes_exactly_and_metabaseline_starts_from_its_backbone(t
     best = torch.load(full / "best.pt", weights_only=False)["model"]
     m = model.state_dict()
     assert all(torch.equal(m[k], best[k]) for k in best if k.startswith("body."))
+    code, stdout, err = run(["eval", str(full / "best.pt"), "--part", "train", "--episodes", "2"], capsys)
+    assert code == 0 and "baseline omniglot 5-way 1-shot, train split, 2 tasks" in stdout, err  # episodes
     code, _, err = run([*mb, "--init", str(tmp_path / "none.pt"), "--out", str(tmp_path / "m2")], capsys)
     assert code == 2 and "--init: no checkpoint at" in err
     code, _, err = run(

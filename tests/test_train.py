@@ -434,8 +434,8 @@ def test_eval_tests_the_asked_episodes_on_every_part(tmp_path, monkeypatch):
     training.train(config, tmp_path / "run")
     shots, real = [], evaluation.datasets
 
-    def recording(config, part="train", shard=(0, 1)):
-        episodes = real(config, part, shard)
+    def recording(config, part="train", shard=(0, 1), episodes=False):
+        episodes = real(config, part, shard, episodes)
         shots.append((part, episodes[0].support_x.shape[1]))
         return episodes
 

@@ -23,13 +23,16 @@ def build_model(
     return model.to(device), aux if aux is None else aux.to(device)
 
 
-def datasets(config: RunConfig, part: str = "train", shard: tuple[int, int] = (0, 1)) -> torch.utils.data.Dataset:
+def datasets(
+    config: RunConfig, part: str = "train", shard: tuple[int, int] = (0, 1), episodes: bool = False
+) -> torch.utils.data.Dataset:
     """Episodes of one part: "train" (meta-training), "val" or "test" (a different seed for each part); for a
     learner that trains on classes (Learner.batches), its training parts are LabeledBatch mini-batches
-    (fastmeta.data.ClassBatches). shard: (rank, world_size), this process's tasks of each meta-batch."""
+    (fastmeta.data.ClassBatches) unless `episodes` (evaluation on them). shard: (rank, world_size), this
+    process's tasks of each meta-batch."""
     seed = config.seed * 1000 + {"train": 0, "val": 1, "trainval": 0, "test": 2}[part]
     training = part in ("train", "trainval")  # the run's training episodes: --train-shot and --train-way apply
-    if training and config.learner.batches == "classes":
+    if training and config.learner.batches == "classes" and not episodes:
         return class_batches(config, part, config.batch_size, seed, shard)
     k_shot = config.get("train_shot") or config.k_shot if training else config.k_shot
     n_way = config.get("train_way") or config.n_way if training else config.n_way

@@ -162,7 +162,7 @@ def evaluate(
         eval_config = replace(eval_config, seed=seed)
     batches = math.ceil(episodes / tasks_per_batch)
     steps = config.get("eval_inner_steps", 0) if inner_steps is None else inner_steps
-    episodes_of = datasets(eval_config, part)
+    episodes_of = datasets(eval_config, part, episodes=True)
     result = evaluate_model(model, aux, eval_config, episodes_of, batches, steps, episodes, per_task)
     result["config"] = {**asdict(config), **tested}
     result["inner_steps"] = steps if learner.adapts else None  # the metric learners and SNAIL do not adapt
