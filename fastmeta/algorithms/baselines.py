@@ -228,9 +228,7 @@ def _features(config: Settings, backbone: nn.Module) -> int:
 
 def _build_pretrained(kind: str):  # noqa: ANN202
     def build(config: Settings, backbone: nn.Module) -> tuple[nn.Module, None]:
-        if config.spec.batches is None:
-            raise ValueError(f"--algo {config.algo} pretrains on a classification dataset's classes")
-        classes = config.spec.batches(config, "train", 1, 0, (0, 1)).num_classes
+        classes = config.spec.class_batches(config, "train", 1).num_classes
         D = _features(config, backbone)
         head = nn.Linear(D, classes) if kind == "linear" else CosineLinear(D, classes, config.cosine_scale)
         return Pretrained(backbone, head), None
@@ -307,29 +305,33 @@ def _build_centroids(config: Settings, backbone: nn.Module) -> tuple[nn.Module, 
     return CentroidClassifier(backbone, config.temperature), None
 
 
-BASELINE = Learner(
-    name="baseline",
-    summary="Baseline (Chen et al. 2019): pretrained with cross-entropy on all training classes (mini-batches of "
+def _pretrained_learner(name: str, summary: str, kind: str, options: tuple[Option, ...] = ()) -> Learner:
+    """Baseline or Baseline++: pretrained on class mini-batches with a `kind` head, new `kind` heads at test."""
+    return Learner(
+        name=name,
+        summary=summary,
+        options=(BATCH_SIZE, HEAD_EPOCHS, HEAD_LR, *options),
+        objective=_pretrain_objective,
+        predict=_predict_by_fitting(kind),
+        build=_build_pretrained(kind),
+        head=False,
+        tasks=("classification",),
+        batches="classes",
+    )
+
+
+BASELINE = _pretrained_learner(
+    "baseline",
+    "Baseline (Chen et al. 2019): pretrained with cross-entropy on all training classes (mini-batches of "
     "--batch-size), a new linear head fitted on each test task's support set",
-    options=(BATCH_SIZE, HEAD_EPOCHS, HEAD_LR),
-    objective=_pretrain_objective,
-    predict=_predict_by_fitting("linear"),
-    build=_build_pretrained("linear"),
-    head=False,
-    tasks=("classification",),
-    batches="classes",
+    "linear",
 )
-BASELINEPP = Learner(
-    name="baselinepp",
-    summary="Baseline++ (Chen et al. 2019): as baseline with cosine-similarity heads (--cosine-scale), pretrained and "
+BASELINEPP = _pretrained_learner(
+    "baselinepp",
+    "Baseline++ (Chen et al. 2019): as baseline with cosine-similarity heads (--cosine-scale), pretrained and "
     "fitted at test",
-    options=(BATCH_SIZE, HEAD_EPOCHS, HEAD_LR, SCALE),
-    objective=_pretrain_objective,
-    predict=_predict_by_fitting("cosine"),
-    build=_build_pretrained("cosine"),
-    head=False,
-    tasks=("classification",),
-    batches="classes",
+    "cosine",
+    (SCALE,),
 )
 METABASELINE = Learner(
     name="metabaseline",

@@ -66,16 +66,7 @@ class EpisodeSampler(torch.utils.data.Dataset):
                 raise ValueError(
                     f"EpisodeSampler: a tensor must be class-major (C, E, ...), got shape {tuple(data.shape)}"
                 )
-            self.class_sizes = [data.shape[1]] * data.shape[0]
-            if class_sizes is not None:
-                sizes = [int(n) for n in (class_sizes.tolist() if isinstance(class_sizes, Tensor) else class_sizes)]
-                if len(sizes) != data.shape[0] or not all(0 <= n <= data.shape[1] for n in sizes):
-                    raise ValueError(
-                        f"EpisodeSampler: class_sizes must give each of the {data.shape[0]} classes a size in "
-                        f"[0, {data.shape[1]}], got {len(sizes)} sizes from {min(sizes, default=None)} to "
-                        f"{max(sizes, default=None)}"
-                    )
-                self.class_sizes = sizes
+            self.class_sizes = _class_sizes("EpisodeSampler", data, class_sizes)
             self.by_class: list[Tensor] | None = None
         else:
             if class_sizes is not None:
@@ -153,12 +144,7 @@ class ClassBatches(torch.utils.data.Dataset):
     ) -> None:
         if not isinstance(data, Tensor) or data.dim() < 2:
             raise ValueError(f"ClassBatches: data must be a class-major tensor (C, E, ...), got {_shape_of(data)}")
-        sizes = [data.shape[1]] * data.shape[0] if class_sizes is None else [int(n) for n in class_sizes]
-        if len(sizes) != data.shape[0] or not all(0 <= n <= data.shape[1] for n in sizes):
-            raise ValueError(
-                f"ClassBatches: class_sizes must give each of the {data.shape[0]} classes a size in [0, "
-                f"{data.shape[1]}], got {len(sizes)} sizes"
-            )
+        sizes = _class_sizes("ClassBatches", data, class_sizes)
         total = sum(sizes)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= total:
             raise ValueError(f"ClassBatches: batch_size must be an integer in [1, {total}], got {batch_size!r}")
@@ -184,6 +170,20 @@ class ClassBatches(torch.utils.data.Dataset):
         if self.transform is not None:
             x = self.transform(x, torch.Generator().manual_seed(_mix(_mix(self.seed, i), 2)))
         return LabeledBatch(x, c)
+
+
+def _class_sizes(who: str, data: Tensor, class_sizes: Sequence[int] | Tensor | None) -> list[int]:
+    """The number of valid examples of each class of a class-major tensor (C, E, ...): all E, or `class_sizes`
+    checked (C sizes in [0, E])."""
+    if class_sizes is None:
+        return [data.shape[1]] * data.shape[0]
+    sizes = [int(n) for n in (class_sizes.tolist() if isinstance(class_sizes, Tensor) else class_sizes)]
+    if len(sizes) != data.shape[0] or not all(0 <= n <= data.shape[1] for n in sizes):
+        raise ValueError(
+            f"{who}: class_sizes must give each of the {data.shape[0]} classes a size in [0, {data.shape[1]}], got "
+            f"{len(sizes)} sizes from {min(sizes, default=None)} to {max(sizes, default=None)}"
+        )
+    return sizes
 
 
 def _shape_of(data: object) -> str:

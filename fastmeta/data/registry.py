@@ -58,6 +58,18 @@ class DatasetSpec:
     fewshot: DatasetInfo | None = None
     batches: Batches | None = None
 
+    def class_batches(
+        self, config: Settings, part: str, batch_size: int, seed: int = 0, shard: tuple[int, int] = (0, 1)
+    ) -> ClassBatches:
+        """`batches` of `part` (their num_classes: the classes a pretrained head needs); ValueError naming the
+        learner where the dataset has none."""
+        if self.batches is None:
+            raise ValueError(
+                f"--algo {config.algo} trains on the classes of a classification dataset's training part; "
+                f"--dataset {self.name} has none"
+            )
+        return self.batches(config, part, batch_size, seed, shard)
+
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"dataset {self.name}: kind must be one of {KINDS}, got {self.kind!r}")

@@ -6,11 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastmeta.data import ClassBatches
 from fastmeta.models import from_config
 from fastmeta.train.config import RunConfig
 
-__all__ = ["build_model", "datasets", "class_batches", "to_device"]
+__all__ = ["build_model", "datasets", "to_device"]
 
 
 def build_model(
@@ -33,7 +32,7 @@ def datasets(
     seed = config.seed * 1000 + {"train": 0, "val": 1, "trainval": 0, "test": 2}[part]
     training = part in ("train", "trainval")  # the run's training episodes: --train-shot and --train-way apply
     if training and config.learner.batches == "classes" and not episodes:
-        return class_batches(config, part, config.batch_size, seed, shard)
+        return config.spec.class_batches(config, part, config.batch_size, seed, shard)
     k_shot = config.get("train_shot") or config.k_shot if training else config.k_shot
     n_way = config.get("train_way") or config.n_way if training else config.n_way
     try:
@@ -42,19 +41,6 @@ def datasets(
         if k_shot == config.k_shot:
             raise
         raise ValueError(f"train_shot={k_shot} (the training episodes' k_shot): {e}") from None
-
-
-def class_batches(
-    config: RunConfig, part: str = "train", batch_size: int = 1, seed: int = 0, shard: tuple[int, int] = (0, 1)
-) -> ClassBatches:
-    """Mini-batches of every example of `part` with its class index (fastmeta.data.ClassBatches); their
-    num_classes is the number of classes a pretrained head needs."""
-    if config.spec.batches is None:
-        raise ValueError(
-            f"--algo {config.algo} trains on the classes of a classification dataset's training part; "
-            f"--dataset {config.dataset} has none"
-        )
-    return config.spec.batches(config, part, batch_size, seed, shard)
 
 
 def to_device(batch, device: torch.device | str):  # noqa: ANN001, ANN202
